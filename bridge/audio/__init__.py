@@ -1,0 +1,1 @@
+"""Audio: depacketize notifications, decode (Opus / PCM / µ-law), conceal loss."""

