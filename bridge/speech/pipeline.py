@@ -1,0 +1,337 @@
+"""Per-device speech glue: audio timeline → VAD → utterances on disk → windows → conversations.
+
+``SpeechPipeline`` is a ``PcmSink``: ``write`` runs the VAD and endpointer, appends speech to the
+spool and packs finished utterances into windows for the shared ``AsrWorker``. It never waits for
+transcription; results come back on the worker thread and are persisted with the conversation.
+A conversation is handed to ``on_conversation`` once it is closed *and* fully transcribed.
+
+Everything a restart needs is on disk, so ``recover()`` after a crash finishes interrupted
+conversations (their ``finished_at`` is the end of the last speech heard) and hands them on once.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from bridge.config import Config
+from bridge.conversation import Conversation, Segment
+from bridge.devices.base import SAMPLE_RATE
+from bridge.speech import spool
+from bridge.speech.asr import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
+from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
+from bridge.speech.vad import FRAME_SAMPLES, Endpointer, SileroVad
+
+_LOGGER = logging.getLogger(__name__)
+
+SessionIdFn = Callable[[datetime, float], str]
+"""(conversation started_at, its start in seconds on the stream) → client_session_id."""
+
+
+class _OpenUtterance:
+    def __init__(self, conv: OpenConversation, utt: Utterance, start: int) -> None:
+        self.conv = conv
+        self.utt = utt
+        self.start = start  # on the stream timeline
+        self.writer = spool.PcmWriter(conv.pcm_path(utt.key))
+
+
+class SpeechPipeline:
+    """One device's audio timeline in, finished conversations out."""
+
+    def __init__(self, device: str, config: Config, worker: AsrWorker,
+                 on_conversation: Callable[[Conversation], None], *, source: str = "omi",
+                 label: str = "", anchor: datetime | None = None,
+                 session_id: SessionIdFn | None = None, storage: Path | None = None) -> None:
+        """``device``: a stable key (the BLE address) naming the spool folder and session ids.
+        ``anchor``: wall-clock time of sample 0 (default: first write's time minus its length).
+        ``storage``: state directory (default ``[storage] dir``)."""
+        self.device = device
+        self.label = label or device
+        self.source = source
+        self.config = config
+        self.worker = worker
+        self.on_conversation = on_conversation
+        self.anchor = anchor
+        self._session_id = session_id or (lambda started, _offset: live_session_id(device, started))
+        self.dir = spool.device_dir(storage or config.storage.path, device)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._vad = SileroVad()
+        self._ep = Endpointer(config.vad)
+        self._lock = threading.RLock()
+        self._rest = np.zeros(0, dtype=np.int16)
+        self.samples = 0
+        """Samples of the timeline processed by the VAD so far."""
+        self._ring: collections.deque[tuple[int, np.ndarray]] = collections.deque(
+            maxlen=int(config.vad.pad_seconds * SAMPLE_RATE) // FRAME_SAMPLES + 2)
+        self._utt: _OpenUtterance | None = None
+        self._conv: OpenConversation | None = None
+        self._convs: dict[Path, OpenConversation] = {}
+        self._window: list[Utterance] = []
+        self._window_conv: OpenConversation | None = None
+        self._last_speech_end = 0  # stream sample
+        self._min_speech = self._ep.min_speech_samples
+        self._gap = int(config.conversation.gap_seconds * SAMPLE_RATE)
+        self._max_conv = int(config.conversation.max_seconds * SAMPLE_RATE)
+        self._flush_pause = int(config.asr.flush_pause_seconds * SAMPLE_RATE)
+        self._window_max = int(config.asr.window_seconds * SAMPLE_RATE)
+        self._glue = int(GAP_SECONDS * SAMPLE_RATE)
+        self.emitted = 0
+        """Conversations handed on."""
+
+    # ------------------------------------------------------------------ public
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Continue the timeline with int16 16 kHz mono samples. Never waits for ASR."""
+        ready: list[OpenConversation] = []
+        with self._lock:
+            if self.anchor is None:
+                self.anchor = datetime.now(UTC) - timedelta(seconds=len(pcm) / SAMPLE_RATE)
+            data = np.concatenate([self._rest, np.asarray(pcm, dtype=np.int16).reshape(-1)])
+            n = len(data) // FRAME_SAMPLES * FRAME_SAMPLES
+            for i in range(0, n, FRAME_SAMPLES):
+                self._frame(data[i:i + FRAME_SAMPLES], ready)
+            self._rest = data[n:].copy()
+        self._hand_on(ready)
+
+    def close(self) -> None:
+        """The stream ends: finish the utterance and the conversation in progress. Their
+        transcription completes on the worker (or, if it is stopped first, on ``recover``)."""
+        ready: list[OpenConversation] = []
+        with self._lock:
+            if len(self._rest):
+                self._frame(np.concatenate(
+                    [self._rest, np.zeros(FRAME_SAMPLES - len(self._rest), np.int16)]), ready)
+                self._rest = np.zeros(0, dtype=np.int16)
+            for ev in self._ep.flush(self.samples):
+                if ev.kind == "end":
+                    self._end_utterance(ev.sample, ev.speech_samples)
+            if self._conv is not None:
+                self._close_conversation(self._conv, ready)
+        self._hand_on(ready)
+
+    def recover(self) -> int:
+        """Finish conversations a previous run left on disk (crash, power cut, stopped worker):
+        transcribe their spooled speech and hand each on once. Returns how many were found."""
+        found = 0
+        ready: list[OpenConversation] = []
+        with self._lock:
+            for path in sorted(p for p in self.dir.iterdir() if p.is_dir()):
+                if path in self._convs:
+                    continue
+                conv = OpenConversation.load(path)
+                if conv is None:
+                    _LOGGER.warning("%s: unreadable conversation state in %s; left in place",
+                                    self.label, path)
+                    continue
+                found += 1
+                self._convs[path] = conv
+                for meta in sorted(path.glob("u*.json")):
+                    key = meta.stem
+                    data = spool.read_json(meta)
+                    pcm = conv.pcm_path(key)
+                    if data is None or not pcm.exists() or key in conv.done:
+                        conv.drop_utterance_files(key)
+                        continue
+                    on_disk = spool.pcm_samples(pcm)
+                    samples = on_disk if data["samples"] is None else min(data["samples"], on_disk)
+                    if samples <= 0:
+                        conv.drop_utterance_files(key)
+                        continue
+                    utt = Utterance(key, int(data["offset"]), samples)
+                    conv.utterances[key] = utt
+                    conv.last_end = max(conv.last_end, utt.offset + samples)
+                conv.closed = True
+                conv.save()
+                _LOGGER.info("%s: recovering conversation %s (%.1f s of speech to transcribe)",
+                             self.label, conv.client_session_id, conv.waiting_samples / SAMPLE_RATE)
+                self._submit_packed(conv, conv.waiting)
+                self._maybe_ready(conv, ready)
+        self._hand_on(ready)
+        return found
+
+    def backlog_seconds(self) -> float:
+        """Seconds of this device's speech on disk and not yet transcribed."""
+        with self._lock:
+            return sum(c.waiting_samples for c in self._convs.values()) / SAMPLE_RATE
+
+    @property
+    def in_conversation(self) -> bool:
+        return self._conv is not None
+
+    # ------------------------------------------------------------------ per frame
+
+    def _frame(self, frame: np.ndarray, ready: list[OpenConversation]) -> None:
+        start = self.samples
+        end = start + FRAME_SAMPLES
+        self.samples = end
+        self._ring.append((start, frame))
+        prob = self._vad(frame)
+        if self._utt is not None:
+            self._utt.writer.write(frame)
+        for ev in self._ep.push(start, prob):
+            if ev.kind == "end":
+                self._end_utterance(ev.sample, ev.speech_samples)
+            elif ev.kind == "start":
+                self._start_utterance(ev.sample, ready)
+            else:  # cut: the tail after the cut opens the next utterance
+                assert self._utt is not None
+                tail = spool.read_pcm(self._utt.writer.path)[ev.sample - self._utt.start:]
+                self._end_utterance(ev.sample, ev.speech_samples)
+                self._start_utterance(ev.sample, ready, audio=tail)
+        if self._utt is None:
+            if self._window and end - self._last_speech_end >= self._flush_pause:
+                self._flush_window()
+            if self._conv is not None and end - self._last_speech_end >= self._gap:
+                self._close_conversation(self._conv, ready)
+
+    def _start_utterance(self, at: int, ready: list[OpenConversation],
+                         audio: np.ndarray | None = None) -> None:
+        conv = self._conv
+        if conv is not None and conv.start_sample is not None and at - conv.start_sample >= self._max_conv:
+            self._close_conversation(conv, ready)
+            conv = None
+        if conv is None:
+            conv = self._open_conversation(at)
+        utt = Utterance(conv.new_key(), at - (conv.start_sample or 0), 0)
+        conv.save_utterance(utt, complete=False)
+        self._utt = _OpenUtterance(conv, utt, at)
+        if audio is None:
+            audio = np.concatenate([f for s, f in self._ring if s + FRAME_SAMPLES > at])
+            first = next(s for s, _ in self._ring if s + FRAME_SAMPLES > at)
+            audio = audio[at - first:]
+        self._utt.writer.write(audio)
+
+    def _end_utterance(self, at: int, speech_samples: int) -> None:
+        open_utt = self._utt
+        if open_utt is None:
+            return
+        self._utt = None
+        conv, utt = open_utt.conv, open_utt.utt
+        utt.samples = at - open_utt.start
+        if speech_samples < self._min_speech or utt.samples <= 0:
+            open_utt.writer.discard()
+            conv.drop_utterance_files(utt.key)
+            if not conv.utterances and conv is self._conv:
+                # A lone click or cough does not open a conversation.
+                self._conv = None
+                self._convs.pop(conv.dir, None)
+                conv.remove()
+            return
+        open_utt.writer.finish(utt.samples)
+        conv.save_utterance(utt, complete=True)
+        conv.utterances[utt.key] = utt
+        conv.last_end = utt.offset + utt.samples
+        conv.save()
+        self._last_speech_end = at
+        if self._window and (self._window_conv is not conv or self._window_samples() + self._glue
+                             + utt.samples > self._window_max):
+            self._flush_window()
+        self._window.append(utt)
+        self._window_conv = conv
+
+    def _window_samples(self) -> int:
+        return sum(u.samples for u in self._window) + self._glue * (len(self._window) - 1)
+
+    def _flush_window(self) -> None:
+        if self._window and self._window_conv is not None:
+            self._submit(self._window_conv, self._window)
+        self._window = []
+        self._window_conv = None
+
+    def _submit(self, conv: OpenConversation, utts: list[Utterance]) -> None:
+        pieces = [Piece(u.key, conv.pcm_path(u.key), u.samples) for u in utts]
+        self.worker.submit(Window(self.label, pieces, functools.partial(self._on_window, conv)))
+
+    def _submit_packed(self, conv: OpenConversation, utts: list[Utterance]) -> None:
+        batch: list[Utterance] = []
+        size = 0
+        for u in sorted(utts, key=lambda u: u.offset):
+            if batch and size + self._glue + u.samples > self._window_max:
+                self._submit(conv, batch)
+                batch, size = [], 0
+            size += u.samples + (self._glue if batch else 0)
+            batch.append(u)
+        if batch:
+            self._submit(conv, batch)
+
+    def _open_conversation(self, at: int) -> OpenConversation:
+        assert self.anchor is not None
+        started = self.anchor + timedelta(seconds=at / SAMPLE_RATE)
+        path = self.dir / f"c{round(started.timestamp() * 1000)}"
+        path.mkdir(parents=True, exist_ok=True)
+        lang = self.config.asr.language
+        conv = OpenConversation(dir=path, client_session_id=self._session_id(started, at / SAMPLE_RATE),
+                                source=self.source, device=self.label, started_at=started,
+                                start_sample=at, default_language="en" if lang == "auto" else lang)
+        conv.save()
+        self._conv = conv
+        self._convs[path] = conv
+        _LOGGER.info("%s: conversation started at %s", self.label, started.isoformat())
+        return conv
+
+    def _close_conversation(self, conv: OpenConversation, ready: list[OpenConversation]) -> None:
+        if self._window_conv is conv:
+            self._flush_window()
+        conv.closed = True
+        conv.save()
+        if self._conv is conv:
+            self._conv = None
+        _LOGGER.info("%s: conversation %s closed (%.1f s)", self.label, conv.client_session_id,
+                     conv.last_end / SAMPLE_RATE)
+        self._maybe_ready(conv, ready)
+
+    # ------------------------------------------------------------------ results (worker thread)
+
+    def _on_window(self, conv: OpenConversation, window: Window, results: list[list[RawSegment]],
+                   language: str | None) -> None:
+        ready: list[OpenConversation] = []
+        with self._lock:
+            for piece, segs in zip(window.pieces, results, strict=True):
+                utt = conv.utterances.get(piece.key)
+                if utt is None or piece.key in conv.done:
+                    continue
+                offset = utt.offset / SAMPLE_RATE
+                conv.segments.extend(Segment(s.text, round(offset + s.start, 3), round(offset + s.end, 3))
+                                     for s in segs)
+                conv.done.add(piece.key)
+            if language:
+                conv.languages[language] += round(window.seconds, 2)
+            conv.save()  # segments are durable before the audio they came from is deleted
+            for piece in window.pieces:
+                conv.drop_utterance_files(piece.key)
+            self._maybe_ready(conv, ready)
+        self._hand_on(ready)
+
+    def _maybe_ready(self, conv: OpenConversation, ready: list[OpenConversation]) -> None:
+        if conv.ready:
+            conv.emitted = True
+            self._convs.pop(conv.dir, None)
+            ready.append(conv)
+
+    def _hand_on(self, ready: list[OpenConversation]) -> None:
+        """Outside the lock: the callback may take its time without stalling capture."""
+        for state in ready:
+            result = state.to_conversation()
+            if not result.segments:
+                _LOGGER.info("%s: conversation %s had no text; dropped", self.label,
+                             state.client_session_id)
+            else:
+                try:
+                    self.on_conversation(result)
+                except Exception:
+                    # Keep its state on disk: the next recover() hands it on again.
+                    _LOGGER.exception("%s: conversation callback failed; kept for recovery",
+                                      self.label)
+                    continue
+                self.emitted += 1
+            # If we die between the callback and this removal, recover() hands it on again and
+            # the outbox drops the duplicate by client_session_id.
+            state.remove()

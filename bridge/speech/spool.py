@@ -1,0 +1,106 @@
+"""The on-disk spool: speech not yet transcribed and the state of open conversations.
+
+Layout under ``[storage] dir``::
+
+    spool/<device>/<conversation key>/conversation.json   the conversation so far (segments too)
+    spool/<device>/<conversation key>/u000001.pcm         int16 16 kHz mono, written as it arrives
+    spool/<device>/<conversation key>/u000001.json        where it sits in the conversation
+
+JSON files are replaced atomically (write temp, fsync, rename, fsync dir), so a kill -9 or power
+cut leaves either the old or the new version. Audio is appended frame by frame (a kill -9 keeps
+what the kernel already has) and fsynced when the utterance ends (a power cut keeps finished
+utterances).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPOOL_DIR = "spool"
+CONVERSATION_FILE = "conversation.json"
+BYTES_PER_SAMPLE = 2
+
+
+def device_dir(storage: Path, device: str) -> Path:
+    """A file-system-safe folder per device (addresses contain ':')."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", device).strip("-") or "device"
+    return storage / SPOOL_DIR / safe
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically and durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The file's object, or None when missing or unreadable (a torn temp file is never read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_pcm(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    usable = len(data) - len(data) % BYTES_PER_SAMPLE  # a kill mid-write can leave half a sample
+    return np.frombuffer(data[:usable], dtype=np.int16)
+
+
+def pcm_samples(path: Path) -> int:
+    try:
+        return path.stat().st_size // BYTES_PER_SAMPLE
+    except OSError:
+        return 0
+
+
+class PcmWriter:
+    """One utterance's audio file, appended as frames arrive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 - stays open for the utterance
+        self.samples = 0
+
+    def write(self, pcm: np.ndarray) -> None:
+        self._f.write(pcm.astype(np.int16, copy=False).tobytes())
+        # Hand the bytes to the kernel now: a kill -9 of the process then loses nothing.
+        self._f.flush()
+        self.samples += len(pcm)
+
+    def finish(self, samples: int) -> None:
+        """Keep the first ``samples`` (the end is decided after some trailing silence), fsync."""
+        self._f.flush()
+        if samples < self.samples:
+            self._f.truncate(samples * BYTES_PER_SAMPLE)
+            self.samples = samples
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def discard(self) -> None:
+        self._f.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()

@@ -1,0 +1,186 @@
+"""Streaming voice activity detection: Silero (faster-whisper's ONNX copy) frame by frame.
+
+``get_speech_timestamps`` in faster-whisper is offline (it resets the LSTM state per call), so a
+live stream drives the ONNX model itself, one 32 ms frame at a time, carrying the recurrent state
+and the 64-sample context between calls (performance-notes.md §3: probabilities bit-identical to
+the batched call, ≈ 58 µs per frame on one core).
+
+``Endpointer`` turns the per-frame probabilities into utterances with hysteresis, minimum
+silence, padding, minimum speech and a maximum length (cut at the quietest frame).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from bridge.config import VadOptions
+from bridge.devices.base import SAMPLE_RATE
+
+FRAME_SAMPLES = 512
+"""Silero v5/v6 at 16 kHz takes 512-sample frames (faster_whisper/vad.py, SileroVADModel)."""
+CONTEXT_SAMPLES = 64
+"""The model also sees the last 64 samples of the previous frame (same source)."""
+STATE_SHAPE = (1, 1, 128)
+"""Shape of the LSTM ``h``/``c`` inputs and ``hn``/``cn`` outputs of silero_vad_v6.onnx."""
+VAD_MODEL_FILE = "silero_vad_v6.onnx"
+"""Bundled in faster_whisper/assets (faster-whisper ≥ 1.1)."""
+
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+
+
+@functools.lru_cache(maxsize=1)
+def _session():  # type: ignore[no-untyped-def]
+    """One ONNX session per process, shared by every stream (the state lives in ``SileroVad``)."""
+    import onnxruntime
+    from faster_whisper.utils import get_assets_path
+
+    opts = onnxruntime.SessionOptions()
+    # One thread: VAD runs beside capture and Whisper; a thread pool would only add wake-ups.
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = False
+    opts.log_severity_level = 4
+    path = os.path.join(get_assets_path(), VAD_MODEL_FILE)
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
+
+
+class SileroVad:
+    """Speech probability of successive 512-sample frames of one stream."""
+
+    def __init__(self) -> None:
+        self._session = _session()
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self._context = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
+        self._zero_state = True
+
+    def __call__(self, frame: np.ndarray) -> float:
+        """``frame``: 512 int16 samples. Digital silence (a disconnected device) costs nothing."""
+        if not frame.any():
+            # A link gap is written as zeros: skip the model and forget the state, so an idle
+            # device uses no CPU and speech after the gap starts from a clean state.
+            if not self._zero_state:
+                self.reset()
+            return 0.0
+        audio = frame.astype(np.float32) / 32768.0
+        batch = np.concatenate([self._context, audio])[None, :]
+        prob, self._h, self._c = self._session.run(None, {"input": batch, "h": self._h, "c": self._c})
+        self._context = audio[-CONTEXT_SAMPLES:]
+        self._zero_state = False
+        return float(prob.reshape(-1)[0])
+
+
+@dataclass(frozen=True)
+class VadEvent:
+    """``kind``: "start" (speech began; ``sample`` = start incl. pre-pad), "end" (utterance over;
+    ``sample`` = end incl. post-pad; ``speech_samples`` = speech without pads), "cut" (an over-long
+    utterance ends at ``sample`` and the next one begins there)."""
+
+    kind: str
+    sample: int
+    speech_samples: int = 0
+
+
+class Endpointer:
+    """Hysteresis segmenter over frame probabilities, in samples of the stream.
+
+    Speech starts when p ≥ threshold, and may end once p < neg_threshold; it ends after
+    ``min_silence`` of that. "end" is only reported once the post-pad audio has arrived, so the
+    caller always holds the whole utterance. Utterances with less speech than ``min_speech`` are
+    still reported (the caller discards them: ``speech_samples``).
+    """
+
+    def __init__(self, options: VadOptions) -> None:
+        self.o = options
+        self._pad = int(options.pad_seconds * SAMPLE_RATE)
+        self._min_silence = int(options.min_silence_seconds * SAMPLE_RATE)
+        self._max_len = int(options.max_utterance_seconds * SAMPLE_RATE)
+        self.in_speech = False
+        self._start = 0  # utterance start incl. pre-pad
+        self._speech_start = 0
+        self._temp_end: int | None = None  # first quiet sample of a possible end
+        self._pending_end: tuple[int, int] | None = None  # (end incl. pad, speech samples)
+        self._probs: list[float] = []  # per frame of the current utterance, for the cut
+        self._probs_from = 0
+
+    @property
+    def min_speech_samples(self) -> int:
+        return int(self.o.min_speech_seconds * SAMPLE_RATE)
+
+    def push(self, frame_start: int, prob: float) -> list[VadEvent]:
+        """Feed the probability of the frame starting at ``frame_start``; return what happened."""
+        events: list[VadEvent] = []
+        frame_end = frame_start + FRAME_SAMPLES
+        if self._pending_end is not None and frame_end >= self._pending_end[0]:
+            end, speech = self._pending_end
+            self._pending_end = None
+            events.append(VadEvent("end", end, speech))
+        if not self.in_speech:
+            if prob >= self.o.threshold:
+                last_end = events[-1].sample if events else 0
+                self.in_speech = True
+                self._speech_start = frame_start
+                self._start = max(0, frame_start - self._pad, last_end)
+                self._temp_end = None
+                self._probs = [prob]
+                self._probs_from = frame_start
+                if self._pending_end is not None:
+                    # Speech resumed inside the post-pad: end the previous utterance right here.
+                    end, speech = self._pending_end
+                    self._pending_end = None
+                    self._start = frame_start
+                    events.append(VadEvent("end", frame_start, speech))
+                events.append(VadEvent("start", self._start))
+            return events
+        self._probs.append(prob)
+        if prob >= self.o.threshold:
+            self._temp_end = None
+        elif prob < self.o.neg_threshold and self._temp_end is None:
+            self._temp_end = frame_start
+        if self._temp_end is not None and frame_end - self._temp_end >= self._min_silence:
+            self.in_speech = False
+            end = self._temp_end + self._pad
+            speech = self._temp_end - self._speech_start
+            if frame_end >= end:
+                events.append(VadEvent("end", end, speech))
+            else:
+                self._pending_end = (end, speech)
+            return events
+        if frame_end - self._start >= self._max_len:
+            cut = self._quietest_cut()
+            events.append(VadEvent("cut", cut, cut - self._speech_start))
+            self._start = self._speech_start = cut
+            keep = (cut - self._probs_from) // FRAME_SAMPLES
+            self._probs = self._probs[keep:]
+            self._probs_from = cut
+            if self._temp_end is not None and self._temp_end < cut:
+                self._temp_end = cut
+        return events
+
+    def _quietest_cut(self) -> int:
+        """Frame boundary with the lowest speech probability in the second half of the utterance
+        (so neither piece is tiny); ties go to the latest frame."""
+        half = len(self._probs) // 2
+        tail = self._probs[half:]
+        idx = half + min(range(len(tail)), key=lambda i: (tail[i], -i))
+        return self._probs_from + idx * FRAME_SAMPLES
+
+    def flush(self, total_samples: int) -> list[VadEvent]:
+        """The stream ended at ``total_samples``: end whatever is open."""
+        if self._pending_end is not None:
+            end, speech = self._pending_end
+            self._pending_end = None
+            return [VadEvent("end", min(end, total_samples), speech)]
+        if self.in_speech:
+            self.in_speech = False
+            end_speech = self._temp_end if self._temp_end is not None else total_samples
+            return [VadEvent("end", min(total_samples, end_speech + self._pad),
+                             end_speech - self._speech_start)]
+        return []
