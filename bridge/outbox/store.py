@@ -184,6 +184,13 @@ class Outbox:
             _LOGGER.info("%s: conversation %s has no text; nothing to send",
                          conv.device or "-", conv.client_session_id)
             return []
+        return self.enqueue_bodies(bodies, now, conversation_id=conv.client_session_id,
+                                   device=conv.device)
+
+    def enqueue_bodies(self, bodies: list[dict[str, Any]], now: float, *, conversation_id: str,
+                       device: str = "") -> list[int]:
+        """Commit ready-made request bodies (``enqueue`` builds them; tools and tests may bring
+        their own). Idempotent by each body's client_session_id."""
         ids = []
         known = 0
         with self._tx() as db:
@@ -200,9 +207,9 @@ class Outbox:
                 cur = db.execute(
                     "INSERT INTO items (client_session_id, conversation_id, device, body,"
                     " state, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    (body["client_session_id"], conv.client_session_id, conv.device, data, now, now))
+                    (body["client_session_id"], conversation_id, device, data, now, now))
                 ids.append(int(cur.lastrowid or 0))
-        _LOGGER.info("%s: conversation %s %s as item(s) %s", conv.device or "-", conv.client_session_id,
+        _LOGGER.info("%s: conversation %s %s as item(s) %s", device or "-", conversation_id,
                      "was already queued" if known == len(ids) else "queued",
                      ", ".join(map(str, ids)))
         return ids

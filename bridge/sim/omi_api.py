@@ -43,6 +43,7 @@ CLAIM_STALE_SECONDS = 15 * 60
 """FROM_SEGMENTS_CLAIM_STALE_AFTER (omi-api.md §7)."""
 KEEP_WORDS = 100
 """A transcript over 100 words is never discarded (omi-api.md §6)."""
+SHUTDOWN_POLL_SECONDS = 0.02
 WRITE_SCOPE = "conversations:write"
 DEFAULT_SCOPES = ("conversations:read", "memories:read", "action_items:read")
 """Scopes of a key created without explicit scopes (omi-api.md §2, scopes.py)."""
@@ -94,6 +95,7 @@ class RequestLog:
     status: int
     client_session_id: str | None
     key: str | None
+    body: bytes = b""
 
 
 @dataclass
@@ -161,8 +163,9 @@ class OmiApiSim:
         return f"http://{host}:{port}"
 
     def start(self) -> OmiApiSim:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="omi-api-sim",
-                                        daemon=True)
+        # A short poll interval: shutdown() waits up to one interval, and tests start many servers.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(SHUTDOWN_POLL_SECONDS,),
+                                        name="omi-api-sim", daemon=True)
         self._thread.start()
         return self
 
@@ -238,7 +241,7 @@ class OmiApiSim:
             with self._cond:
                 self._state.in_flight -= 1
         with self._cond:
-            self._state.requests.append(RequestLog(status, csid, key))
+            self._state.requests.append(RequestLog(status, csid, key, raw))
             self._cond.notify_all()
         return status, payload, headers
 
