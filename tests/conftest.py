@@ -1,0 +1,47 @@
+"""Shared fixtures: a private D-Bus bus and our fake bluetoothd, so tests run real bleak.
+
+bleak keeps one BlueZ manager per event loop, bound to the bus it first connected to
+(bluez-for-tests.md §2, §9.6); pytest-asyncio's function-scoped loop plus a function-scoped bus
+gives every test its own. The bus address must be in the environment before bleak's first
+MessageBus is created in that loop, so ``private_bus`` sets it before the test body runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+
+from bridge.sim.audio import demo_speech_path, load_pcm16k
+from bridge.sim.bluez import FakeBluez
+from bridge.sim.bus import PrivateBus
+
+
+@pytest.fixture
+def private_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
+    """A fresh dbus-daemon; DBUS_SYSTEM_BUS_ADDRESS and PATH (fake bluetoothctl) point at it
+    for this test and are restored afterwards. ``private_bus.env()`` is for subprocesses."""
+    with PrivateBus() as bus:
+        env = bus.env()
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", env["DBUS_SYSTEM_BUS_ADDRESS"])
+        monkeypatch.setenv("PATH", env["PATH"])
+        yield bus
+
+
+@pytest.fixture
+async def fake_bluez(private_bus: PrivateBus) -> AsyncIterator[FakeBluez]:
+    """Our bluetoothd on the private bus, on the test's event loop. Add devices with
+    ``await fake_bluez.add_device(OmiModel(...))``."""
+    fake = FakeBluez(private_bus.address)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_audio() -> np.ndarray:
+    """The bundled speech clip (bridge/assets/demo_speech.flac) as 16 kHz mono int16."""
+    return load_pcm16k(demo_speech_path())
