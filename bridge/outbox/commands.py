@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from bridge.config import Config, load_config
 from bridge.conversation import Conversation
 from bridge.errors import BridgeError
-from bridge.outbox.sender import Sender, outbox_status
+from bridge.outbox.sender import Sender, not_before, outbox_status
 from bridge.outbox.store import DeliveryLock, Item, Outbox
 
 EXIT_SENT = 0
@@ -54,14 +54,15 @@ def _deliver(outbox: Outbox, config: Config, ids: set[int] | None, out: TextIO, 
     return True
 
 
-def _report(outbox: Outbox, ids: list[int], out: TextIO, now: float) -> int:
+def _report(outbox: Outbox, config: Config, ids: list[int], out: TextIO, now: float) -> int:
     pause = outbox.pause()
+    blocked_until = not_before(outbox, config.api, now)
     worst = EXIT_SENT
     for item_id in ids:
         item = outbox.get(item_id)
         if item is None:
             continue
-        state = item.view_state(now, pause is not None)
+        state = item.view_state(now, pause is not None, blocked_until)
         if state == "sent":
             flag = ", discarded by Omi as too short/empty" if item.discarded else ""
             print(f"sent      {item.client_session_id} → {item.server_id} "
@@ -73,7 +74,7 @@ def _report(outbox: Outbox, ids: list[int], out: TextIO, now: float) -> int:
             worst = max(worst, EXIT_PAUSED)
         else:
             why = f": {item.error}" if item.error else ""
-            print(f"queued    {item.client_session_id}: next try {_iso(item.next_attempt_at)}{why}",
+            print(f"queued    {item.client_session_id}: next try {_iso(item.due_at(blocked_until))}{why}",
                   file=out)
             worst = EXIT_PAUSED if worst == EXIT_PAUSED else EXIT_WAITING
     if pause is not None and worst == EXIT_PAUSED:
@@ -104,7 +105,7 @@ def send_conversations(conversations: Iterable[Conversation], config: Config,
             return EXIT_SENT
         # Not delivered here (a daemon holds the lock): the items report as queued → EXIT_WAITING.
         _deliver(outbox, config, set(ids), out, clock=clock, sleep=sleep, sender_kwargs=sender_kwargs)
-        return _report(outbox, ids, out, clock())
+        return _report(outbox, config, ids, out, clock())
     finally:
         outbox.close()
 
@@ -113,15 +114,15 @@ def send_conversations(conversations: Iterable[Conversation], config: Config,
 # omi-bridge outbox
 
 
-def _show(item: Item, now: float, paused: bool) -> str:
-    data = item.as_json(now, paused)
+def _show(item: Item, now: float, paused: bool, blocked_until: float | None) -> str:
+    data = item.as_json(now, paused, blocked_until)
     lines = [f"item {item.id}: {data['state']}",
              f"  client_session_id  {item.client_session_id}",
              f"  device             {item.device or '-'}",
              f"  queued at          {_iso(item.created_at)}",
              f"  attempts           {item.attempts} (last {_iso(item.last_attempt_at)})"]
     if item.state == "queued":
-        lines.append(f"  next attempt       {_iso(item.next_attempt_at)}")
+        lines.append(f"  next attempt       {_iso(item.due_at(blocked_until))}")
     if item.server_id:
         lines.append(f"  server id          {item.server_id} (status {item.server_status}, "
                      f"discarded {item.discarded})")
@@ -140,6 +141,7 @@ def cmd_outbox(args: argparse.Namespace, *, clock: Callable[[], float] = time.ti
     try:
         now = clock()
         paused = outbox.pause()
+        blocked_until = not_before(outbox, config.api, now)
         action = args.action
         if action in ("show", "retry") and args.id is None:
             raise BridgeError(f"`omi-bridge outbox {action}` needs an item id",
@@ -147,12 +149,13 @@ def cmd_outbox(args: argparse.Namespace, *, clock: Callable[[], float] = time.ti
         if action == "list":
             items = outbox.items()
             if args.json:
-                print(json.dumps([i.as_json(now, paused is not None) for i in items], indent=2))
+                rows = [i.as_json(now, paused is not None, blocked_until) for i in items]
+                print(json.dumps(rows, indent=2))
                 return 0
             if not items:
                 print("the outbox is empty")
             for i in items:
-                d = i.as_json(now, paused is not None)
+                d = i.as_json(now, paused is not None, blocked_until)
                 extra = {"sent": f"→ {i.server_id}" + (" (discarded)" if i.discarded else ""),
                          "waiting": f"until {d['next_attempt_at']}",
                          "dead": f"{i.error}"}.get(d["state"], "")
@@ -172,11 +175,11 @@ def cmd_outbox(args: argparse.Namespace, *, clock: Callable[[], float] = time.ti
             raise BridgeError(f"there is no outbox item {args.id}", "see `omi-bridge outbox list`")
         if action == "show":
             if args.json:
-                data = item.as_json(now, paused is not None)
+                data = item.as_json(now, paused is not None, blocked_until)
                 data["body"] = json.loads(item.body)
                 print(json.dumps(data, indent=2))
             else:
-                print(_show(item, now, paused is not None))
+                print(_show(item, now, paused is not None, blocked_until))
             return 0
         # retry
         if item.state == "sent":
@@ -188,6 +191,6 @@ def cmd_outbox(args: argparse.Namespace, *, clock: Callable[[], float] = time.ti
         if not delivered:
             print(f"item {item.id} is due now")
             return EXIT_WAITING
-        return _report(outbox, [item.id], sys.stdout, clock())
+        return _report(outbox, config, [item.id], sys.stdout, clock())
     finally:
         outbox.close()

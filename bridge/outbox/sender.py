@@ -102,14 +102,6 @@ class Sender:
             _LOGGER.warning("delivery paused: %s; %s. Conversations stay queued.", reason, hint)
         return pause
 
-    def budget_free_at(self, now: float) -> float | None:
-        """None if a request may go now, else when the oldest counted attempt leaves the hour."""
-        window = self.outbox.attempts_since(now - RATE_WINDOW_SECONDS)
-        limit = self.api.writes_per_hour
-        if len(window) < limit:
-            return None
-        return window[len(window) - limit] + RATE_WINDOW_SECONDS
-
     def plan(self, now: float, among: set[int] | None = None) -> Plan:
         creds, fp, err = self._credentials()
         pause = self.outbox.pause()
@@ -125,12 +117,7 @@ class Sender:
         if err is not None or creds is None:
             assert err is not None
             return Plan(pause=self._pause(err.message, err.hint, fp))
-        blockers = [next_at]
-        if (hold := self.outbox.hold_until()) is not None and hold > now:
-            blockers.append(hold)
-        if (free := self.budget_free_at(now)) is not None:
-            blockers.append(free)
-        wake_at = max(blockers)
+        wake_at = max(next_at, not_before(self.outbox, self.api, now) or next_at)
         if wake_at > now:
             return Plan(wake_at=wake_at)
         due = self.outbox.due(now, among)
@@ -292,23 +279,30 @@ class Sender:
         return outbox_status(self.outbox, self.api, self.clock())
 
 
-def outbox_status(outbox: Outbox, api: ApiOptions, now: float) -> dict[str, Any]:
-    pause = outbox.pause()
-    counts = outbox.counts(now)
+def not_before(outbox: Outbox, api: ApiOptions, now: float) -> float | None:
+    """Key-wide: no request before this (the hourly budget is used up, or a 429's Retry-After)."""
+    limits = []
     window = outbox.attempts_since(now - RATE_WINDOW_SECONDS)
-    budget_free = None
     if len(window) >= api.writes_per_hour:
-        budget_free = window[len(window) - api.writes_per_hour] + RATE_WINDOW_SECONDS
+        limits.append(window[len(window) - api.writes_per_hour] + RATE_WINDOW_SECONDS)
+    if (hold := outbox.hold_until()) is not None and hold > now:
+        limits.append(hold)
+    return max(limits) if limits else None
+
+
+def outbox_status(outbox: Outbox, api: ApiOptions, now: float) -> dict[str, Any]:
+    """Counts per state, when the next post may go, why delivery is paused, budget use."""
+    pause = outbox.pause()
+    blocked_until = not_before(outbox, api, now)
+    counts = outbox.counts(now, blocked_until)
     next_send = None
     next_at = outbox.next_attempt_at()
     if next_at is not None and pause is None:
-        hold = outbox.hold_until()
-        next_send = max(x for x in (next_at, hold, budget_free, now) if x is not None)
+        next_send = max(next_at, blocked_until or next_at, now)
     return {
         "counts": counts,
         "next_send_at": _iso(next_send),
         "paused": None if pause is None else {"reason": pause.reason, "hint": pause.hint},
-        "writes_last_hour": len(window),
+        "writes_last_hour": len(outbox.attempts_since(now - RATE_WINDOW_SECONDS)),
         "writes_per_hour": api.writes_per_hour,
     }
-

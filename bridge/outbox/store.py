@@ -92,21 +92,28 @@ class Item:
     discarded: bool | None
     error: str | None
 
-    def view_state(self, now: float, paused: bool) -> str:
+    def due_at(self, not_before: float | None = None) -> float | None:
+        """When it may go, given a key-wide ``not_before`` (hourly budget, Retry-After)."""
+        if self.state != "queued":
+            return None
+        return max(self.next_attempt_at, not_before or self.next_attempt_at)
+
+    def view_state(self, now: float, paused: bool, not_before: float | None = None) -> str:
         if self.state != "queued":
             return self.state
         if paused:
             return "paused"
-        return "waiting" if self.next_attempt_at > now else "queued"
+        due = self.due_at(not_before)
+        return "waiting" if due is not None and due > now else "queued"
 
-    def as_json(self, now: float, paused: bool) -> dict[str, Any]:
+    def as_json(self, now: float, paused: bool, not_before: float | None = None) -> dict[str, Any]:
         """The ``outbox list --json`` shape."""
         return {
             "id": self.id,
             "client_session_id": self.client_session_id,
-            "state": self.view_state(now, paused),
+            "state": self.view_state(now, paused, not_before),
             "attempts": self.attempts,
-            "next_attempt_at": _iso(self.next_attempt_at) if self.state == "queued" else None,
+            "next_attempt_at": _iso(self.due_at(not_before)),
             "server_id": self.server_id,
             "discarded": self.discarded,
             "error": self.error,
@@ -320,11 +327,11 @@ class Outbox:
                                     (since,)).fetchall()
         return [r[0] for r in rows]
 
-    def counts(self, now: float) -> dict[str, int]:
+    def counts(self, now: float, not_before: float | None = None) -> dict[str, int]:
         paused = self.pause() is not None
         counts = dict.fromkeys(STATES, 0)
         for item in self.items():
-            counts[item.view_state(now, paused)] += 1
+            counts[item.view_state(now, paused, not_before)] += 1
         return counts
 
 
