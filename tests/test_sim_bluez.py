@@ -286,3 +286,49 @@ async def test_reattach_to_link_bluez_kept_after_client_process_died(
         await client.start_notify(AUDIO_DATA_UUID, got)
         await got.wait_for(3)
     assert dev.connects == 1  # bleak skipped Connect: it re-attached to the live link
+
+
+async def test_simulator_process_announces_its_bus_and_obeys_control(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from bridge.sim.control import SimControlClient
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.sim", "--omi", OMI, "--codec", "20", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20.0))
+        for key, value in ready["env"].items():
+            monkeypatch.setenv(key, value)
+        lost = asyncio.Event()
+        async with BleakClient(OMI, timeout=WAIT_S, disconnected_callback=lambda _c: lost.set()) as client:
+            assert (await client.read_gatt_char(CODEC_TYPE_UUID))[0] == 20
+            async with SimControlClient(ready["bus"]) as sim:
+                await sim.drop_link(OMI)
+                await asyncio.wait_for(lost.wait(), WAIT_S)
+                stats = await sim.stats(OMI)
+                assert stats["link_losses"] == 1 and stats["model"]["codec"] == 20
+                await sim.quit()
+        assert await asyncio.wait_for(proc.wait(), WAIT_S) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_harness_runs_the_simulator_beside_synchronous_code(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bridge.sim.harness import SimHarness
+
+    async def listen() -> list[bytes]:
+        got = Collector()
+        async with BleakClient(OMI, timeout=WAIT_S) as client:
+            await client.start_notify(AUDIO_DATA_UUID, got)
+            return await got.wait_for(5)
+
+    with SimHarness([OmiModel(address=OMI)]) as sim:
+        for key, value in sim.env().items():
+            if key in ("DBUS_SYSTEM_BUS_ADDRESS", "PATH"):
+                monkeypatch.setenv(key, value)
+        packets = asyncio.run(listen())
+        assert len(packets) == 5
+        assert sim.stats(OMI)["model"]["notifications_sent"] >= 5

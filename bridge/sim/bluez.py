@@ -588,8 +588,11 @@ class FakeBluez:
                 await dev.model.stop()
             for ch in dev.chars.values():
                 dev._release_notify(ch)
-        for t in list(self._tasks):
+        pending = list(self._tasks)
+        for t in pending:
             t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._bus is not None:
             self._bus.disconnect()
             with contextlib.suppress(Exception):

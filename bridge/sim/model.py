@@ -137,6 +137,10 @@ class DeviceModel:
     async def stop(self) -> None:
         """Called when the fake shuts down; cancel tasks started in ``start``."""
 
+    def stats_dict(self) -> dict[str, Any]:
+        """Counters for the simulator's control interface and tests (JSON-serialisable)."""
+        return {}
+
     # --- hooks ---------------------------------------------------------------------------------
     def on_connect(self, ctx: DeviceContext) -> Awaitable[None] | None:
         return None

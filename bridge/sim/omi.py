@@ -360,6 +360,11 @@ class OmiModel(DeviceModel):
             out = np.concatenate([out, np.zeros(fs - len(out), dtype=np.int16)])
         return out
 
+    def stats_dict(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), "codec": self.codec, "next_index": self._index,
+                "battery": self.battery, "time_writes": list(self.time_writes),
+                "frame_samples": self.frame_samples}
+
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
