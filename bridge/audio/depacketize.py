@@ -211,6 +211,12 @@ class Depacketizer:
 
     def _gap(self, missing: int, sub: int, out: list[Event]) -> None:
         held = len(self._pending) if self._synced else 0
+        if held and sub == self._last_sub + missing + 1:
+            # The missing notifications were the middle of the held frame: only it is lost.
+            self._pending = []
+            self._synced = False
+            self._lose(1, out)
+            return
         known = 1 if held else 0  # the held frame may have lost its tail in the gap
         span = held + missing - sub  # notifications of frames destroyed before this one
         if sub > 0:

@@ -214,6 +214,9 @@ class LinkSupervisor:
         self._last_kind: FailureKind | None = None
         self.connected_event = asyncio.Event()
         """Set while connected (tests and ``listen`` wait on it)."""
+        self.disconnected_event = asyncio.Event()
+        """Set while not connected (cleared by a connect, set when that connection is over)."""
+        self.disconnected_event.set()
 
     @property
     def label(self) -> str:
@@ -303,6 +306,7 @@ class LinkSupervisor:
         self.stats.last_error = None
         self._last_kind = None
         self.connected_event.set()
+        self.disconnected_event.clear()
         _LOGGER.info("%s connected (%s)", self.label, device.address)
         connected_at = time.monotonic()
         reason = "stop"
@@ -338,6 +342,7 @@ class LinkSupervisor:
             session.connection_lost()
             if self._on_link_down is not None:
                 self._on_link_down()
+            self.disconnected_event.set()
         return reason != "stop"
 
     async def _async_disconnect(self, client: BleakClient) -> None:
