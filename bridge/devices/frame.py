@@ -24,14 +24,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-import numpy as np
-
 from bridge.audio.frame_pcm import FramePcmDecoder
 from bridge.config import FrameOptions
-from bridge.devices.base import LinkStats
+from bridge.devices.supervisor import SessionContext
 from bridge.errors import BridgeError
 
 _LOGGER = logging.getLogger(__name__)
@@ -159,28 +158,30 @@ class FrameProtocolError(Exception):
 
 
 class FrameSession:
-    """One connection's worth of Frame: set-up, streaming, heartbeat.
+    """One connection to Frame glasses: a session for ``LinkSupervisor`` (see its docstring).
 
-    ``client`` is a connected ``BleakClient``; ``on_audio`` receives 16 kHz int16 chunks of the
-    device timeline (a lost packet is silence of its length); ``stats`` is updated in place.
+    ``ctx.extra["frame"]`` holds the ``FrameOptions``; audio goes into ``ctx.timeline``, counters
+    into ``ctx.stats`` (a packet counts as one frame; a lost packet as one lost frame).
     """
 
-    def __init__(self, client: Any, *, options: FrameOptions, stats: LinkStats,
-                 on_audio: Callable[[np.ndarray], None], label: str = "frame") -> None:
-        self._client = client
-        self._options = options
-        self._stats = stats
-        self._on_audio = on_audio
-        self._label = label
+    SERVICE_UUIDS = (FRAME_SERVICE,)
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self._options: FrameOptions = ctx.extra.get("frame") or FrameOptions()
+        self._stats = ctx.stats
+        self._label = ctx.label
+        self._client: Any = None
         self._texts: asyncio.Queue[str] = asyncio.Queue()
         self._decoder: FramePcmDecoder | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closing = False
         self.max_length = 0
         self.chunk_bytes = 0
         self.uploaded = False
         """True when this connection had to (re)upload the app."""
-        self.last_audio_at: float | None = None
+        self.last_activity: float | None = None
+        """Monotonic time of the last audio packet (the supervisor's watchdog reads it)."""
         self.mic_on = False
         self._stored_hash = ""
         self._expect_ready = False
@@ -222,9 +223,7 @@ class FrameSession:
             text = bytes(data).decode("utf-8", "replace")
             if self._decoder is not None:
                 # Our app prints nothing once streaming: this is a Lua error that ended it.
-                _LOGGER.warning("%s: Frame says: %s", self._label, text)
-                if not self._failed.done():
-                    self._failed.set_exception(FrameProtocolError(f"the Frame app stopped: {text}"))
+                self._app_failed(text)
             if self._expect_ready and text.startswith(READY_PREFIX):
                 # Start decoding right here: the first audio packet follows this print.
                 self._expect_ready = False
@@ -260,9 +259,11 @@ class FrameSession:
         self._stats.malformed += dec.malformed - before[2]
         self._stats.packets += 1
         self._stats.frames += dec.packets - before[3]
-        self.last_audio_at = time.monotonic()
+        self.last_activity = time.monotonic()
+        self._stats.last_audio_at = datetime.now(UTC)
         if len(pcm):
-            self._on_audio(pcm)
+            self.ctx.timeline.audio(pcm, at=self.last_activity)
+            self._stats.samples_written = self.ctx.timeline.samples_written
 
     # --- set-up ---------------------------------------------------------------------------------
     async def _ensure_bonded(self, address: str) -> None:
@@ -273,14 +274,15 @@ class FrameSession:
         except BleakError as exc:
             raise not_bonded_error(self._label, address, str(exc)) from exc
 
-    async def start(self) -> None:
+    async def async_start(self, client: Any) -> None:
         """Bond, take over the REPL, upload the app if needed, start streaming."""
         from bleak.exc import BleakError
 
-        address = getattr(self._client, "address", "?").upper()
+        self._client = client
+        address = str(getattr(client, "address", "?")).upper()
         await self._ensure_bonded(address)
         try:
-            await self._client.start_notify(FRAME_NOTIFY, self._on_notify)
+            await client.start_notify(FRAME_NOTIFY, self._on_notify)
         except BleakError as exc:
             if "not paired" in str(exc).lower() or "authentication" in str(exc).lower():
                 raise not_bonded_error(self._label, address, str(exc)) from exc
@@ -291,6 +293,8 @@ class FrameSession:
         if self._stored_hash != digest:
             await self._upload(source)
             self.uploaded = True
+        else:
+            _LOGGER.info("%s: the Frame app on the glasses is current", self._label)
         await self._run_app()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
@@ -376,25 +380,36 @@ class FrameSession:
                 return
 
     # --- running / ending -------------------------------------------------------------------------
-    async def wait_failed(self) -> None:
-        """Returns (raising FrameProtocolError) only if the app on the glasses stops."""
-        await self._failed
+    def _app_failed(self, text: str) -> None:
+        """The app on the glasses died (a Lua error was printed): drop the link so the supervisor
+        reconnects and restarts it now instead of waiting for the watchdog."""
+        if self._closing:
+            return
+        self._closing = True
+        _LOGGER.warning("%s: the Frame app stopped: %s; reconnecting", self._label, text)
+        client = self._client
+        if client is not None:
+            asyncio.get_running_loop().create_task(self._disconnect(client))
 
-    async def close(self, *, deliberate: bool) -> None:
-        """End the session: stop heartbeats; on a deliberate close tell the app to pause the mic;
-        the resampler's tail is written out so the timeline stays exact."""
+    async def _disconnect(self, client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+    async def async_stop(self, client: Any) -> None:
+        """Our own disconnect: tell the app to pause the mic now (it would after the heartbeat
+        timeout anyway)."""
+        if self._decoder is not None:
+            await self._write(CMD_STOP)
+
+    def connection_lost(self) -> None:
+        """Stop heartbeats; write the resampler's tail so the timeline stays exact."""
+        self._closing = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
             self._heartbeat_task = None
-        if deliberate and self._decoder is not None:
-            with contextlib.suppress(Exception):
-                await self._write(CMD_STOP)
         if self._decoder is not None:
             tail = self._decoder.flush()
             self._decoder = None
             if len(tail):
-                self._on_audio(tail)
-        if not self._failed.done():
-            self._failed.cancel()
+                self.ctx.timeline.audio(tail)
+                self._stats.samples_written = self.ctx.timeline.samples_written

@@ -327,6 +327,8 @@ class FrameModel(DeviceModel):
         self.chunks_run = 0
         self.sent = 0
         self.lost = 0
+        self.lost_heads: list[bytes] = []
+        """First bytes of each notification ``loss_rate`` swallowed (tests read the app's header)."""
         self.busy_refusals = 0
         self.prints_dropped = 0
         self.writes_overwritten = 0
@@ -445,6 +447,7 @@ class FrameModel(DeviceModel):
         self.sent += 1
         if self.loss_rate and self._rng.random() < self.loss_rate:
             self.lost += 1  # sent over the air, never received
+            self.lost_heads.append(bytes(data[:4]))
             return None
         self._deliver(bytes([DATA_PREFIX]) + data, taken_at)
         return None

@@ -1,0 +1,173 @@
+"""Frame glasses end to end: real bleak → our fake bluetoothd → a Frame model that runs the Lua
+the bridge uploads in a real Lua 5.4 VM, through the same supervisor the daemon uses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge.config import DeviceConfig, FrameOptions, LinkOptions
+from bridge.devices.frame import APP_MODULE, MSG_AUDIO
+from bridge.devices.supervisor import DeviceLink
+from bridge.errors import BridgeError
+from bridge.sim.frame import FrameModel, load_wav_16k
+
+pytest.importorskip("lupa")
+
+ADDRESS = "4F:A1:B2:C3:D4:E5"
+TIMEOUT = 20.0
+"""Upper bound for any wait below (connect + app upload take ~1 s on an idle machine)."""
+PACKET = 240
+"""PCM bytes per packet at MTU 247 (max_length 243 − 3-byte header, capped at 240); at 16 kHz /
+8-bit that is 240 samples of the 16 kHz timeline."""
+POP = 3200
+"""Samples muted at the start of each recording (0.2 s)."""
+FAST_LINK = LinkOptions(scan_timeout_seconds=5.0, reconnect_min_seconds=0.1, reconnect_max_seconds=1.0)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.samples = 0
+
+    def write(self, pcm: np.ndarray, /) -> None:
+        self.parts.append(np.array(pcm, dtype=np.int16))
+        self.samples += len(pcm)
+
+    def pcm(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.int16)
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def fixture_wav(tmp_path: Path, demo_audio: np.ndarray) -> np.ndarray:
+    """The mic's source comes from a WAV file, as a user's fixture would."""
+    path = tmp_path / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(demo_audio[: 16_000 * 8].astype("<i2").tobytes())
+    return load_wav_16k(path)
+
+
+async def start_link(fake_bluez, model: FrameModel, *, paired: bool = True,
+                     options: FrameOptions | None = None, raise_errors: bool = False):
+    await fake_bluez.add_device(model, paired=paired)
+    sink = Sink()
+    link = DeviceLink(DeviceConfig(kind="frame", address=ADDRESS, name="glasses"), FAST_LINK, sink,
+                      extra={"frame": options or FrameOptions()}, raise_errors=raise_errors)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    return link, sink, stop, task
+
+
+async def finish(stop: asyncio.Event, task: asyncio.Task) -> None:
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(len(a), len(b))
+    return float(np.corrcoef(a[:n].astype(float), b[:n].astype(float))[0, 1])
+
+
+async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    link, sink, stop, task = await start_link(fake_bluez, model, paired=False)
+    await wait_for(lambda: sink.samples >= 3 * 16_000, "3 s of audio")
+    await finish(stop, task)
+
+    out = sink.pcm()
+    stats = link.stats
+    # An unbonded Frame got bonded on the way (frame.md §11), and the app was uploaded once.
+    assert fake_bluez.device(ADDRESS).paired
+    assert model.file_writes == {f"{APP_MODULE}.lua": 1}
+    assert stats.firmware == model.firmware
+    assert stats.battery == 87
+    # The timeline is exactly the packets the glasses sent, nothing lost on a clean link.
+    assert stats.lost_frames == 0 and stats.malformed == 0
+    assert len(out) == stats.packets * PACKET
+    # It is the glasses' audio: the source, 8-bit, minus the muted start-of-recording pop.
+    assert not out[:POP].any()
+    assert correlation(out[POP:], fixture_wav[POP:len(out)]) > 0.98
+    # The app paused the mic when we said goodbye (CMD_STOP).
+    await wait_for(lambda: not model.mic_running, "the mic to stop")
+
+
+async def test_lost_packets_are_counted_and_become_silence_of_their_length(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav, loss_rate=0.05, seed=7)
+    link, sink, stop, task = await start_link(fake_bluez, model)
+    await wait_for(lambda: sink.samples >= 3 * 16_000 and link.stats.lost_frames >= 3, "lossy audio")
+    await finish(stop, task)
+
+    out = sink.pcm()
+    stats = link.stats
+    heard = stats.packets + stats.lost_frames  # packets up to the last one received
+    lost_seqs = [h[1] | h[2] << 8 for h in model.lost_heads if h[0] == MSG_AUDIO]
+    expected = sorted(s for s in lost_seqs if s < heard)
+    assert stats.lost_frames == len(expected) > 0
+    assert len(out) == heard * PACKET
+    for seq in expected:
+        assert not out[seq * PACKET:(seq + 1) * PACKET].any()
+    kept = np.ones(len(out), bool)
+    kept[:POP] = False
+    for seq in expected:
+        kept[seq * PACKET:(seq + 1) * PACKET] = False
+    assert correlation(out[kept], fixture_wav[: len(out)][kept]) > 0.98
+
+
+async def test_dropped_link_recovers_and_reuses_the_stored_app(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    link, sink, stop, task = await start_link(fake_bluez, model)
+    await wait_for(lambda: sink.samples >= 16_000, "first audio")
+    runs_before = model.chunks_run
+
+    fake_bluez.device(ADDRESS).drop_link()
+    await wait_for(lambda: link.stats.reconnects >= 1 and link.stats.connected, "reconnect")
+    after = sink.samples
+    await wait_for(lambda: sink.samples >= after + 16_000, "audio after the reconnect")
+    await finish(stop, task)
+
+    # The app was uploaded once: the reconnect found its hash on the glasses and just ran it.
+    assert model.file_writes == {f"{APP_MODULE}.lua": 1}
+    assert model.chunks_run > runs_before
+    # Outage silence keeps the timeline on wall-clock time across the drop.
+    assert link.timeline.silence_samples > 0
+    assert link.stats.lost_frames == 0
+
+
+async def test_app_pauses_the_mic_when_heartbeats_stop(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    options = FrameOptions(heartbeat_seconds=0.3)
+    _link, sink, stop, task = await start_link(fake_bluez, model, options=options)
+    await wait_for(lambda: sink.samples > 0, "first audio")
+    # The bridge vanishes without a goodbye: the glasses go out of our reach.
+    fake_bluez.device(ADDRESS).set_in_range(False)
+    await wait_for(lambda: not model.mic_running, "the mic to pause without heartbeats")
+    await finish(stop, task)
+
+
+async def test_frame_bonded_elsewhere_says_exactly_what_to_do(fake_bluez):
+    model = FrameModel(address=ADDRESS, bonded_elsewhere=True)
+    _link, _sink, stop, task = await start_link(fake_bluez, model, paired=False, raise_errors=True)
+    with pytest.raises(BridgeError) as err:
+        await asyncio.wait_for(task, TIMEOUT)
+    text = str(err.value)
+    assert "cradle" in text
+    assert f"bluetoothctl remove {ADDRESS}" in text
+    assert f"omi-bridge pair {ADDRESS} --kind frame" in text
+    stop.set()
