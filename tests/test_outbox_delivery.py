@@ -25,7 +25,7 @@ from bridge.errors import BridgeError
 from bridge.outbox.client import check_base_url
 from bridge.outbox.commands import EXIT_PAUSED, EXIT_SENT, EXIT_WAITING, send_conversations
 from bridge.outbox.sender import Sender, outbox_status
-from bridge.outbox.store import Outbox
+from bridge.outbox.store import DeliveryLock, Outbox
 from bridge.sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
 
 TIMEOUT = 15.0
@@ -264,15 +264,13 @@ async def test_the_daemon_task_sends_what_is_enqueued_when_woken(tmp_path: Path,
     cfg = config(tmp_path, sim)
     outbox = Outbox.open(cfg.storage.path)
     sender = Sender(outbox, cfg.api)
+    answered = asyncio.Event()
+    sender.on_outcome = lambda item, outcome: answered.set()
     stop = asyncio.Event()
     task = asyncio.create_task(sender.run(stop))
     outbox.enqueue(conversation(), cfg.location, sender.clock())
     sender.wake()
-    assert await asyncio.to_thread(sim.wait_until, lambda: len(sim.requests()) == 1, TIMEOUT)
-    for _ in range(100):  # the task records the answer right after the response
-        if sender.status()["counts"]["sent"] == 1:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(answered.wait(), TIMEOUT)
     status = sender.status()
     stop.set()
     await asyncio.wait_for(task, TIMEOUT)
@@ -334,3 +332,43 @@ def test_status_summary_names_the_pause_and_the_next_send(tmp_path: Path, sim: O
     assert status["counts"]["paused"] == 1
     assert "conversations:write" in status["paused"]["reason"]
     assert json.dumps(status)  # serialisable for `omi-bridge status --json`
+
+
+def test_while_the_daemon_delivers_the_cli_only_queues(tmp_path: Path, sim: OmiApiSim) -> None:
+    cfg = config(tmp_path, sim)
+    daemon_lock = DeliveryLock(cfg.storage.path)
+    assert daemon_lock.try_acquire()
+    try:
+        code, out = send([conversation()], cfg, FakeClock())
+    finally:
+        daemon_lock.release()
+    assert code == EXIT_WAITING and "daemon" in out
+    assert sim.requests() == [] and items(cfg)[0]["state"] == "queued"
+
+
+async def test_stopping_the_daemon_mid_post_keeps_the_item_for_the_next_start(tmp_path: Path,
+                                                                              sim: OmiApiSim) -> None:
+    sim.slow_next(1.0)
+    cfg = config(tmp_path, sim)
+    outbox = Outbox.open(cfg.storage.path)
+    outbox.enqueue(conversation(), cfg.location, 0.0)
+    sender = Sender(outbox, cfg.api)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    assert await asyncio.to_thread(sim.wait_until, lambda: sim.in_flight == 1, TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    item, = items(cfg)
+    assert item["state"] == "queued" and item["attempts"] == 1
+    # Next start: the same body again; the server answers from what it stored.
+    assert await asyncio.to_thread(sim.wait_until, lambda: len(sim.conversations()) == 1, TIMEOUT)
+    stop = asyncio.Event()
+    restarted = Sender(outbox, cfg.api)
+    answered = asyncio.Event()
+    restarted.on_outcome = lambda item, outcome: answered.set()
+    task = asyncio.create_task(restarted.run(stop))
+    await asyncio.wait_for(answered.wait(), TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    outbox.close()
+    assert items(cfg)[0]["state"] == "sent" and len(sim.conversations()) == 1

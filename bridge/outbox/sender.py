@@ -81,6 +81,8 @@ class Sender:
         self.rng = rng
         self._transport = transport
         self._async_transport = async_transport
+        self.on_outcome: Callable[[Item, Outcome], None] | None = None
+        """Called after each answer is recorded (tests, demo, status refresh)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
 
@@ -130,6 +132,11 @@ class Sender:
 
     def apply(self, item: Item, outcome: Outcome, creds: Credentials, now: float) -> None:
         """Record what the answer means for ``item``."""
+        self._record(item, outcome, creds, now)
+        if self.on_outcome is not None:
+            self.on_outcome(item, outcome)
+
+    def _record(self, item: Item, outcome: Outcome, creds: Credentials, now: float) -> None:
         label = f"item {item.id} ({item.client_session_id})"
         if outcome.kind is Kind.SENT:
             assert outcome.server_id is not None

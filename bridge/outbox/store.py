@@ -250,13 +250,15 @@ class Outbox:
                        (at, error, server_id, server_status, item_id))
 
     def retry(self, item_id: int, now: float) -> bool:
-        """Make a dead, waiting or paused item due now (and lift a pause: the operator says it is
-        fixed). False if there is no such item or it was already sent."""
+        """Make a dead, waiting or paused item due now, and lift a pause (the operator says it is
+        fixed; if not, the next answer pauses again). A server's Retry-After and the hourly budget
+        still apply: ignoring them would only earn another 429. False if there is no such item or
+        it was already sent."""
         with self._tx() as db:
             cur = db.execute("UPDATE items SET state = 'queued', next_attempt_at = ?"
                              " WHERE id = ? AND state != 'sent'", (now, item_id))
             if cur.rowcount:
-                db.execute("DELETE FROM meta WHERE key IN ('pause', 'hold_until')")
+                db.execute("DELETE FROM meta WHERE key = 'pause'")
             return cur.rowcount > 0
 
     def purge_sent(self) -> int:
