@@ -332,3 +332,58 @@ def test_harness_runs_the_simulator_beside_synchronous_code(monkeypatch) -> None
         packets = asyncio.run(listen())
         assert len(packets) == 5
         assert sim.stats(OMI)["model"]["notifications_sent"] >= 5
+
+
+async def test_bleak_retries_le_connection_abort_by_local(fake_bluez: FakeBluez) -> None:
+    from bridge.sim.bluez import ERR_FAILED, LE_ABORT_BY_LOCAL
+
+    dev = await fake_bluez.add_device(OmiModel(address=OMI))
+    dev.connect_errors.append((ERR_FAILED, LE_ABORT_BY_LOCAL))
+    async with BleakClient(await find_omi(), timeout=WAIT_S) as client:
+        assert client.is_connected
+    assert dev.connects == 1 and not dev.connect_errors
+
+
+async def test_scripted_link_drop_and_out_of_range_period(fake_bluez: FakeBluez) -> None:
+    omi = OmiModel(address=OMI, link_drop_at=(0.3,), out_of_range=((0.3, 0.6),))
+    dev = await fake_bluez.add_device(omi)
+    lost = asyncio.Event()
+    client = BleakClient(await find_omi(), disconnected_callback=lambda _c: lost.set())
+    await client.connect()
+    await asyncio.wait_for(lost.wait(), WAIT_S)
+    assert not dev.in_range
+    await fake_bluez.wait_until(lambda: dev.in_range, WAIT_S)
+    async with BleakClient(OMI, timeout=WAIT_S) as again:
+        assert again.is_connected
+
+
+async def test_discovery_sessions_are_per_client_and_end_with_the_client(
+        fake_bluez: FakeBluez, private_bus) -> None:  # type: ignore[no-untyped-def]
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    def call(member: str) -> Message:
+        return Message(destination="org.bluez", path="/org/bluez/hci0",
+                       interface="org.bluez.Adapter1", member=member)
+
+    a = await MessageBus(bus_address=private_bus.address, bus_type=BusType.SYSTEM).connect()
+    b = await MessageBus(bus_address=private_bus.address, bus_type=BusType.SYSTEM).connect()
+    try:
+        no_session = await b.call(call("StopDiscovery"))
+        assert no_session is not None and no_session.body == ["No discovery started"]
+        assert (await a.call(call("StartDiscovery"))).message_type == MessageType.METHOD_RETURN  # type: ignore[union-attr]
+        again = await a.call(call("StartDiscovery"))
+        assert again is not None and again.error_name == "org.bluez.Error.InProgress"
+        assert fake_bluez.discovering
+        a.disconnect()
+        await fake_bluez.wait_until(lambda: not fake_bluez.discovering, WAIT_S)
+    finally:
+        b.disconnect()
+
+
+async def test_powered_off_adapter_is_reported_by_bleak(fake_bluez: FakeBluez) -> None:
+    from bleak.exc import BleakBluetoothNotAvailableError
+
+    fake_bluez.set_powered(False)
+    with pytest.raises(BleakBluetoothNotAvailableError):
+        await BleakScanner.discover(timeout=0.2)

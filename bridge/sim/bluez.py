@@ -85,6 +85,8 @@ _BACKLOG_POLL_S = 0.001
 # from the last 4 hex digits of each path, bluez-for-tests.md §5).
 FIRST_GATT_HANDLE = 0x0010
 DEFAULT_ADAPTER_ADDRESS = "00:1A:7D:DA:71:13"
+# Connect error text BlueZ gives for an LE connection it aborted itself; bleak retries it.
+LE_ABORT_BY_LOCAL = "le-connection-abort-by-local"
 
 
 class BluezError(Exception):
@@ -161,6 +163,8 @@ class FakeDevice:
         self.connect_error: tuple[str, str] | None = None
         """(error name, text) returned by the next Connect calls, e.g.
         ("org.bluez.Error.Failed", "le-connection-abort-by-local")."""
+        self.connect_errors: list[tuple[str, str]] = []
+        """One-shot errors: each Connect takes the next one (before ``connect_error``)."""
         self.connect_delay = 0.0
         self.resolve_delay = 0.0
         self.disconnect_delay = 0.0
@@ -399,8 +403,14 @@ class FakeDevice:
         try:
             if self.connect_delay:
                 await asyncio.sleep(self.connect_delay)
-            if self.connect_error is not None:
-                raise BluezError(*self.connect_error)
+            error = self.connect_errors.pop(0) if self.connect_errors else self.connect_error
+            if error is not None:
+                if error[1] == LE_ABORT_BY_LOCAL:
+                    # BlueZ really connected before aborting: bleak waits for Connected to
+                    # go False before it retries (bleak client.py, BlueZ >= 5.62).
+                    self._set(Connected=True)
+                    self._set(Connected=False)
+                raise BluezError(*error)
             # LE create-connection waits for an advertisement: out of range, it hangs until
             # the device comes back or the caller gives up (Disconnect cancels it).
             waiter = asyncio.ensure_future(self._in_range_event.wait())
@@ -718,6 +728,7 @@ class FakeBluez:
         self._discovery[sender] = self._filters.get(sender, {})
         if first:
             self._set_props(self.adapter_path, ADAPTER_IFACE, {"Discovering": Variant("b", True)})
+            self._changed()
         # First advertisements arrive shortly after the scan starts (after our reply).
         self.loop.call_later(ADVERTISING_INTERVAL_S / 5, self._sight_all)
 
@@ -734,6 +745,7 @@ class FakeBluez:
 
     def _discovery_stopped(self) -> None:
         self._set_props(self.adapter_path, ADAPTER_IFACE, {"Discovering": Variant("b", False)})
+        self._changed()
         # BlueZ invalidates RSSI/TxPower when discovery stops, so the next scan re-signals it
         # (bluez-for-tests.md §6.4).
         for dev in self.devices.values():
@@ -749,6 +761,7 @@ class FakeBluez:
                 self._discovery_stopped()
         for dev in self.devices.values():
             dev.drop_client(name)
+        self._changed()
 
     # --- object tree and signals ---------------------------------------------------------------
     def _signal(self, path: str, iface: str, member: str, signature: str, body: list[Any]) -> Any:
@@ -979,6 +992,8 @@ class FakeBluez:
                     return None  # write without response: the central never hears back
                 raise
             return None
+        if member in ("StartNotify", "AcquireNotify"):
+            self._reap_notify_sock(dev, ch)
         if member == "StartNotify":
             if not ch.can_notify:
                 raise BluezError(ERR_NOT_SUPPORTED, "Operation is not supported")
@@ -1035,6 +1050,22 @@ class FakeBluez:
             # dbus-fast passes the fd number without duplicating it: close only once sent.
             theirs.close()
         return _ALREADY_SENT
+
+    def _reap_notify_sock(self, dev: FakeDevice, ch: _Char) -> None:
+        """Notice a closed AcquireNotify socket now: the client may close the fd and call
+        StartNotify at once (bleak's _acquire_mtu does), and the D-Bus call can overtake the
+        socket's hang-up event in our loop."""
+        sock = ch.notify.sock
+        if sock is None:
+            return
+        try:
+            closed = sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            closed = False
+        except OSError:
+            closed = True
+        if closed:
+            self._on_notify_sock(dev, ch)
 
     def _on_notify_sock(self, dev: FakeDevice, ch: _Char) -> None:
         sock = ch.notify.sock

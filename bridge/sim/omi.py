@@ -32,6 +32,7 @@ import logging
 import random
 import struct
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,8 +111,8 @@ OPUS_BITRATE = 32_000
 OPUS_COMPLEXITY = 3
 OPUS_LSB_DEPTH = 16
 
-# Battery refresh while connected (omi-device.md §7: every 5 s).
-BATTERY_REFRESH_S = 5.0
+# Frames kept in OmiModel.frame_log: 10 minutes at 100 frames/s, bounded for long demos.
+FRAME_LOG_LIMIT = 60_000
 
 
 @dataclass(frozen=True)
@@ -263,9 +264,10 @@ class OmiModel(DeviceModel):
     hardware: str = "5.0"
     serial: str = "SIM0001"
     features: int = CV1_FEATURES
-    frame_log: list[tuple[int, float, int | None, str]] = field(default_factory=list, repr=False)
+    frame_log: deque[tuple[int, float, int | None, str]] = field(
+        default_factory=lambda: deque(maxlen=FRAME_LOG_LIMIT), repr=False)
     """Per produced frame: (frame number, due time on the loop clock, first index or None,
-    status: "sent", "lost", "offline", "unsubscribed")."""
+    status: "sent", "lost", "offline", "unsubscribed"); the most recent FRAME_LOG_LIMIT."""
 
     def __post_init__(self) -> None:
         if not self.advertised_uuids:
