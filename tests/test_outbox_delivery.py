@@ -23,7 +23,7 @@ from bridge.config import ApiOptions, Config, StorageOptions
 from bridge.conversation import Conversation, Segment
 from bridge.errors import BridgeError
 from bridge.outbox.client import check_base_url
-from bridge.outbox.commands import EXIT_PAUSED, EXIT_SENT, EXIT_WAITING, send_conversations
+from bridge.outbox.commands import EXIT_PAUSED, EXIT_REJECTED, EXIT_SENT, EXIT_WAITING, send_conversations
 from bridge.outbox.sender import Sender, outbox_status
 from bridge.outbox.store import DeliveryLock, Outbox
 from bridge.sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
@@ -372,3 +372,14 @@ async def test_stopping_the_daemon_mid_post_keeps_the_item_for_the_next_start(tm
     await asyncio.wait_for(task, TIMEOUT)
     outbox.close()
     assert items(cfg)[0]["state"] == "sent" and len(sim.conversations()) == 1
+
+
+def test_a_conversation_the_server_rejects_is_reported_and_kept_as_dead(tmp_path: Path,
+                                                                          sim: OmiApiSim) -> None:
+    sim.inject(422, detail="Segment 0: text too exotic")
+    clock = FakeClock()
+    code, out = send([conversation(1), conversation(2)], config(tmp_path, sim), clock)
+    assert code == EXIT_REJECTED
+    assert "rejected" in out and "Segment 0: text too exotic" in out
+    assert [i["state"] for i in items(config(tmp_path, sim))] == ["dead", "sent"]
+    assert [r.status for r in sim.requests()] == [422, 200], "a 422 is never retried"

@@ -84,10 +84,12 @@ class StoredConversation:
 @dataclass
 class Fault:
     """An injected answer: ``status`` 500 (after the claim, which is then deleted), 503 (limiter
-    down), 409 (claim conflict) or 429 (with ``retry_after``)."""
+    down), 409 (claim conflict), 429 (with ``retry_after``) or 422 (with ``detail``: a rule the
+    bridge does not know about)."""
 
     status: int
     retry_after: int = 60
+    detail: str = "rejected"
 
 
 @dataclass
@@ -184,10 +186,11 @@ class OmiApiSim:
     # ---------------------------------------------------------------------------------------
     # Test controls and observations
 
-    def inject(self, status: int, *, times: int = 1, retry_after: int = 60) -> None:
+    def inject(self, status: int, *, times: int = 1, retry_after: int = 60,
+               detail: str = "rejected") -> None:
         with self._cond:
             for _ in range(times):
-                self._state.faults.append(Fault(status, retry_after))
+                self._state.faults.append(Fault(status, retry_after, detail))
 
     def slow_next(self, seconds: float, *, times: int = 1) -> None:
         with self._cond:
@@ -293,6 +296,9 @@ class OmiApiSim:
             return 422, {"detail": [{"type": "json_invalid", "loc": ["body"],
                                      "msg": "JSON decode error"}]}, rl_headers, key, None
         problem = _validate(body)
+        with self._cond:
+            if problem is None and self._state.faults and self._state.faults[0].status == 422:
+                problem = self._state.faults.popleft().detail
         csid_raw = body.get("client_session_id")
         csid = csid_raw.strip() if isinstance(csid_raw, str) else None
         if problem is not None:
