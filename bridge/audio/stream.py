@@ -18,6 +18,9 @@ from bridge.devices.base import LinkStats
 
 _LOGGER = logging.getLogger(__name__)
 
+_STAMP_SECONDS = 1.0
+"""``LinkStats.last_audio_at`` is refreshed at most this often (it is for status, not timing)."""
+
 
 class AudioStream:
     """Feeds one connection's audio notifications into the device timeline."""
@@ -32,6 +35,7 @@ class AudioStream:
         self.last_packet_at: float | None = None
         """Monotonic time of the last notification (for the watchdog)."""
         self._counted = (0, 0, 0, 0, 0, 0)
+        self._audio_stamped = -_STAMP_SECONDS
 
     def push(self, packet: bytes | bytearray) -> None:
         now = time.monotonic()
@@ -55,7 +59,8 @@ class AudioStream:
                 pcm = self.decoder.conceal(event.frames)
             self.timeline.audio(pcm, at=now)
         self._sync_stats()
-        if events:
+        if events and now - self._audio_stamped >= _STAMP_SECONDS:
+            self._audio_stamped = now
             self.stats.last_audio_at = datetime.now(UTC)
 
     def _sync_stats(self) -> None:
