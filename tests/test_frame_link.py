@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge.config import DeviceConfig, FrameOptions, LinkOptions
-from bridge.devices.frame import APP_MODULE, MSG_AUDIO
+from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
+from bridge.devices.frame import APP_MODULE, MSG_AUDIO, async_bond
 from bridge.devices.supervisor import DeviceLink
 from bridge.errors import BridgeError
 from bridge.sim.frame import FrameModel, load_wav_16k
@@ -171,3 +171,17 @@ async def test_frame_bonded_elsewhere_says_exactly_what_to_do(fake_bluez):
     assert f"bluetoothctl remove {ADDRESS}" in text
     assert f"omi-bridge pair {ADDRESS} --kind frame" in text
     stop.set()
+
+
+async def test_pair_command_bonds_a_fresh_frame_once(fake_bluez):
+    await fake_bluez.add_device(FrameModel(address=ADDRESS))
+    await async_bond(ADDRESS, Config(link=FAST_LINK))
+    assert fake_bluez.device(ADDRESS).paired
+
+
+async def test_pair_command_explains_a_frame_bonded_to_a_phone(fake_bluez):
+    await fake_bluez.add_device(FrameModel(address=ADDRESS, bonded_elsewhere=True))
+    with pytest.raises(BridgeError) as err:
+        await async_bond(ADDRESS, Config(link=FAST_LINK))
+    assert f"bluetoothctl remove {ADDRESS}" in str(err.value)
+    assert not fake_bluez.device(ADDRESS).paired

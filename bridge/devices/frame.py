@@ -153,6 +153,32 @@ def not_bonded_error(label: str, address: str, detail: str = "") -> BridgeError:
         f"`omi-bridge pair {address} --kind frame`")
 
 
+async def async_bond(address: str, config: Any) -> None:
+    """Bond with Frame once (``omi-bridge pair ADDRESS --kind frame``): connect, pair (Just
+    Works, frame.md §11), prove the encrypted link by subscribing, disconnect. BlueZ keeps the
+    key, so the daemon later reconnects without pairing again."""
+    from bleak import BleakClient, BleakScanner
+    from bleak.exc import BleakError
+
+    from bridge.errors import DeviceNotFoundError
+
+    link = config.link
+    bluez = {"adapter": link.adapter} if link.adapter else {}
+    device = await BleakScanner.find_device_by_address(address, timeout=link.scan_timeout_seconds,
+                                                       bluez=bluez)
+    if device is None:
+        raise DeviceNotFoundError(f"Frame {address} was not seen",
+                                  "take Frame off the cradle, tap it awake and keep it close")
+    async with BleakClient(device, timeout=link.connect_timeout_seconds, bluez=bluez) as client:
+        try:
+            await client.pair()
+            await client.start_notify(FRAME_NOTIFY, lambda _c, _d: None)
+            await client.stop_notify(FRAME_NOTIFY)
+        except BleakError as exc:
+            raise not_bonded_error(f"Frame {address}", address, str(exc)) from exc
+    _LOGGER.info("Frame %s: bonded", address)
+
+
 class FrameProtocolError(Exception):
     """Frame did not answer as expected; the link is remade (not a user problem)."""
 

@@ -1,0 +1,128 @@
+"""The simulated Frame behaves like the firmware where our app depends on it (frame.md §3–§6).
+
+These drive the model's Lua VM directly (no D-Bus): a small stand-in link collects what the
+glasses notify. The end-to-end behaviour through real bleak is in test_frame_link.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from bridge.sim.frame import FRAME_RX, FRAME_TX, FrameModel
+
+pytest.importorskip("lupa")
+
+TIMEOUT = 5.0
+
+
+class Link:
+    """The host side of the link: always connected and subscribed, records notifications."""
+
+    connected = True
+    mtu = 247
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def is_notifying(self, char_uuid: str) -> bool:
+        return char_uuid == FRAME_TX
+
+    async def notify(self, char_uuid: str, data: bytes) -> bool:
+        self.got.put_nowait(bytes(data))
+        return True
+
+
+@pytest.fixture
+async def glasses():
+    t = np.arange(16_000 * 3) / 16_000
+    tone = (9000 * np.sin(2 * np.pi * 250 * t)).astype(np.int16)
+    model = FrameModel(address="4F:00:00:00:00:01", source=tone)
+    link = Link()
+    model.attach(link)  # type: ignore[arg-type]
+    await model.start()
+    model.on_connect(link)  # type: ignore[arg-type]
+    yield model, link
+    await model.stop()
+
+
+async def wait_until(predicate, timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def repl(model: FrameModel, link: Link, code: str) -> str:
+    model.on_write(FRAME_RX, code.encode(), True)
+    return (await asyncio.wait_for(link.got.get(), TIMEOUT)).decode()
+
+
+async def test_repl_prints_text_without_prefix_and_errors_come_back_as_text(glasses):
+    model, link = glasses
+    assert await repl(model, link, "print(frame.bluetooth.max_length())") == "243"
+    assert await repl(model, link, "print(frame.battery_level())") == "87.0"
+    assert "boom" in await repl(model, link, 'error("boom")')
+
+
+async def test_break_stops_a_running_script_and_the_repl_answers_again(glasses):
+    model, link = glasses
+    model.on_write(FRAME_RX, b"while true do end", True)
+    await wait_until(lambda: model.running_script)
+    model.on_write(FRAME_RX, b"\x03", True)
+    assert "break signal" in (await asyncio.wait_for(link.got.get(), TIMEOUT)).decode()
+    assert await repl(model, link, "print(1)") == "1"
+
+
+async def test_a_pcall_retry_loop_cannot_swallow_break_if_it_rethrows(glasses):
+    model, link = glasses
+    code = ('while true do local ok, e = pcall(frame.sleep, 0.01) '
+            'if not ok and string.find(e, "break signal") then error(e, 0) end end')
+    model.on_write(FRAME_RX, code.encode(), True)
+    await wait_until(lambda: model.running_script)
+    model.on_write(FRAME_RX, b"\x03", True)
+    assert (await asyncio.wait_for(link.got.get(), TIMEOUT)).decode() == "break signal"
+
+
+async def test_microphone_rules(glasses):
+    model, link = glasses
+    assert "even" in await repl(model, link, "local ok, e = pcall(frame.microphone.read, 3) print(e)")
+    assert "sample rate" in await repl(
+        model, link, "local ok, e = pcall(frame.microphone.start, {sample_rate=44100}) print(e)")
+    assert "already started" in await repl(
+        model, link, "frame.microphone.start{sample_rate=16000, bit_depth=8} "
+        "local ok, e = pcall(frame.microphone.start, {}) print(e)")
+    # Reading while sampling gives bytes or ""; after stop, the FIFO drains and then read is nil.
+    text = await repl(model, link, (
+        "frame.sleep(0.05) local got = #frame.microphone.read(64) frame.microphone.stop() "
+        "local n = 0 while frame.microphone.read(64) ~= nil do n = n + 1 end "
+        "print(got .. ' ' .. tostring(frame.microphone.read(64)))"))
+    assert text == "64 nil"
+
+
+async def test_send_has_the_size_limit_and_one_notification_slot(glasses):
+    model, link = glasses
+    assert "too large" in await repl(
+        model, link, "local ok, e = pcall(frame.bluetooth.send, string.rep('x', 244)) print(e)")
+    # Two sends back to back: the first fills the single slot, the second is refused.
+    first = await repl(model, link, "frame.bluetooth.send(string.rep('x', 243)) "
+                       "local ok, e = pcall(frame.bluetooth.send, 'y') frame.sleep(0.05) print(e)")
+    assert first == "\x01" + "x" * 243  # the firmware adds 0x01 to data
+    assert "bluetooth is busy" in (await asyncio.wait_for(link.got.get(), TIMEOUT)).decode()
+
+
+async def test_reset_restarts_the_vm_runs_main_lua_and_files_survive(glasses):
+    model, link = glasses
+    await repl(model, link, 'local f = frame.file.open("main.lua", "write") '
+               'f:write("booted = 42") f:close() x = 1 print("saved")')
+    model.on_write(FRAME_RX, b"\x04", True)
+    await wait_until(lambda: model.resets == 1 and not model.running_script)
+    assert await repl(model, link, "print(tostring(x) .. ' ' .. tostring(booted))") == "nil 42"
+
+
+async def test_require_loads_modules_from_the_glasses_filesystem(glasses):
+    model, link = glasses
+    model.files["greet.lua"] = b"return { hi = 'hello' }"
+    assert await repl(model, link, 'print(require("greet").hi)') == "hello"
+    assert "no file" in await repl(model, link, 'local ok, e = pcall(require, "missing") print(e)')
