@@ -71,6 +71,7 @@ def _report(outbox: Outbox, config: Config, ids: list[int], out: TextIO, now: fl
             print(f"rejected  {item.client_session_id}: {item.error} (item {item.id})", file=out)
             worst = max(worst, EXIT_REJECTED)
         elif state == "paused":
+            print(f"paused    {item.client_session_id} (item {item.id})", file=out)
             worst = max(worst, EXIT_PAUSED)
         else:
             why = f": {item.error}" if item.error else ""

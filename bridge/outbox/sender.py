@@ -126,7 +126,8 @@ class Sender:
         return Plan(item=due[0], creds=creds) if due else Plan(wake_at=next_at)
 
     def backoff(self, attempts: int) -> float:
-        base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
+        # The exponent is capped before the cap on seconds: 2**n overflows a float for a long outage.
+        base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** min(max(0, attempts - 1), 30))
         # Jitter in [base/2, base): restarts of several bridges do not retry in lockstep.
         return base * (0.5 + self.rng() / 2)
 
