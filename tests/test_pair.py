@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +102,70 @@ def test_broken_toml_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(BridgeError, match="not valid TOML"):
         add_device(path, "omi", "AA:BB:CC:DD:EE:05")
     assert path.read_text() == "[api\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole command against the simulator in its own process (real bleak on a private bus).
+
+SIM_TIMEOUT = 30.0
+
+
+@pytest.fixture
+def simulator() -> Iterator[Callable[..., dict[str, str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> dict[str, str]:
+        proc = subprocess.Popen([sys.executable, "-m", "bridge.sim", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+        procs.append(proc)
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        env = dict(os.environ)
+        env.update(info["env"])
+        env.pop("OMI_BRIDGE_CONFIG", None)
+        return env
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def pair(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", "pair", *args], env=env, capture_output=True,
+                          text=True, timeout=SIM_TIMEOUT)
+
+
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+def test_pair_finds_the_only_pendant_nearby_and_writes_it(
+        tmp_path: Path, simulator: Callable[..., dict[str, str]]) -> None:
+    env = simulator("--omi", "C0:FF:EE:00:00:01")
+    path = tmp_path / "config.toml"
+    path.write_text(HAND_WRITTEN)
+    done = pair(env, "--timeout", "1", "--name", "desk", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "added omi C0:FF:EE:00:00:01" in done.stdout
+    assert [(d.kind, d.address, d.label) for d in load_config(str(path)).devices][-1] == (
+        "omi", "C0:FF:EE:00:00:01", "desk")
+    again = pair(env, "C0:FF:EE:00:00:01", "--config", str(path))
+    assert again.returncode == 1 and "already paired" in again.stderr
+
+
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+def test_pair_by_address_detects_frame_and_bonds(
+        tmp_path: Path, simulator: Callable[..., dict[str, str]]) -> None:
+    env = simulator("--frame", "C0:FF:EE:00:00:02")
+    path = tmp_path / "new" / "config.toml"
+    done = pair(env, "c0:ff:ee:00:00:02", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert load_config(str(path)).devices[0].kind == "frame"
+
+
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+def test_pair_with_nothing_nearby_says_what_to_do(tmp_path: Path,
+                                                  simulator: Callable[..., dict[str, str]]) -> None:
+    env = simulator()
+    done = pair(env, "--timeout", "0.5", "--config", str(tmp_path / "config.toml"))
+    assert done.returncode == 1
+    assert "no Omi or Frame device found" in done.stderr and "wake the device" in done.stderr
+    assert not (tmp_path / "config.toml").exists()

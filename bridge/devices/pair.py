@@ -124,32 +124,31 @@ async def _async_find(args: argparse.Namespace, config: Any) -> tuple[str, str, 
     """(kind, address, advertised name, seen) of the device to pair."""
     from bridge.devices import scan as scan_mod
 
-    found = await scan_mod.async_scan(config, timeout=args.timeout)
-    if args.address:
-        want = args.address.upper()
-        match = [d for d in found if d.address.upper() == want]
-        if not match:
-            if args.kind:
-                _LOGGER.warning("%s was not seen while scanning; adding it as %s anyway", want, args.kind)
-                return args.kind, want, "", False
-            raise BridgeError(f"{want} was not seen while scanning for Omi and Frame devices",
-                              "wake the device and keep it close, or pass --kind omi|frame to add it "
-                              "without checking")
-        dev = match[0]
-    else:
-        candidates = [d for d in found if not args.kind or d.kind == args.kind]
-        if not candidates:
-            raise BridgeError("no Omi or Frame device found nearby",
-                              "wake the device, keep it close and run pair again "
-                              "(or give its address)")
-        if len(candidates) > 1:
-            listing = ", ".join(f"{d.address} ({d.kind}, {d.name or 'no name'})" for d in candidates)
-            raise BridgeError(f"several devices found: {listing}",
-                              "run pair again with the address of the one you want")
-        dev = candidates[0]
-    if args.kind and dev.kind != args.kind:
-        raise BridgeError(f"{dev.address} looks like a {dev.kind}, not a {args.kind}",
-                          f"use --kind {dev.kind}")
+    adapter = config.link.adapter
+    with scan_mod.bluetooth_errors(adapter):
+        if args.address:
+            want = args.address.upper()
+            try:
+                kind = await scan_mod.async_detect_kind(want, args.timeout, adapter)
+            except BridgeError as exc:
+                if args.kind:
+                    _LOGGER.warning("%s; adding it as %s anyway, as asked", exc.message, args.kind)
+                    return args.kind, want, "", False
+                raise
+            if args.kind and kind != args.kind:
+                raise BridgeError(f"{want} looks like a {kind}, not a {args.kind}", f"use --kind {kind}")
+            return kind, want, "", True
+        found = await scan_mod.async_scan(config, timeout=args.timeout)
+    candidates = [d for d in found if not args.kind or d.kind == args.kind]
+    if not candidates:
+        raise BridgeError("no Omi or Frame device found nearby",
+                          "wake the device, keep it close, close the Omi app on your phone (the "
+                          "device takes one connection) and run pair again, or give its address")
+    if len(candidates) > 1:
+        listing = ", ".join(f"{d.address} ({d.kind}, {d.name or 'no name'})" for d in candidates)
+        raise BridgeError(f"several devices found: {listing}",
+                          "run pair again with the address of the one you want")
+    dev = candidates[0]
     return dev.kind, dev.address.upper(), dev.name or "", True
 
 
@@ -159,11 +158,14 @@ async def _async_bond(kind: str, address: str, config: Any) -> None:
         return
     from bridge.devices import frame as frame_mod
 
-    bond = getattr(frame_mod, "async_bond", None)
-    if bond is None:
-        _LOGGER.warning("%s: cannot bond from here; the daemon will bond on first connect", address)
-        return
-    await bond(address, config)
+    await frame_mod.async_bond(address, config)
+
+
+async def _async_find_and_bond(args: argparse.Namespace, config: Any) -> tuple[str, str, str]:
+    kind, address, adv_name, seen = await _async_find(args, config)
+    if seen:
+        await _async_bond(kind, address, config)
+    return kind, address, adv_name
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
@@ -179,9 +181,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
         from bridge.config import Config
 
         config = Config()
-    kind, address, adv_name, seen = asyncio.run(_async_find(args, config))
-    if seen:
-        asyncio.run(_async_bond(kind, address, config))
+    kind, address, adv_name = asyncio.run(_async_find_and_bond(args, config))
     name = args.name or ""
     created = add_device(path, kind, address, name)
     label = name or adv_name or address
