@@ -85,6 +85,7 @@ class Sender:
         """Called after each answer is recorded (tests, demo, status refresh)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
+        self._announced: Pause | None = None
 
     # ---------------------------------------------------------------------------------------
     # Decisions shared by the blocking and the async paths
@@ -101,7 +102,14 @@ class Sender:
         pause = Pause(reason, hint, fp)
         if self.outbox.pause() != pause:
             self.outbox.set_pause(pause)
-            _LOGGER.warning("delivery paused: %s; %s. Conversations stay queued.", reason, hint)
+        return self._announce(pause)
+
+    def _announce(self, pause: Pause) -> Pause:
+        # One warning per pause and process: a restarted daemon says again why nothing is sent.
+        if self._announced != pause:
+            self._announced = pause
+            _LOGGER.warning("delivery paused: %s; %s. Conversations stay queued.", pause.reason,
+                            pause.hint)
         return pause
 
     def plan(self, now: float, among: set[int] | None = None) -> Plan:
@@ -112,7 +120,7 @@ class Sender:
                 self.outbox.set_pause(None)
                 _LOGGER.info("API settings changed; resuming delivery")
             else:
-                return Plan(pause=pause)
+                return Plan(pause=self._announce(pause))
         next_at = self.outbox.next_attempt_at(among)
         if next_at is None:
             return Plan()
