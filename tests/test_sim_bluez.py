@@ -387,3 +387,33 @@ async def test_powered_off_adapter_is_reported_by_bleak(fake_bluez: FakeBluez) -
     fake_bluez.set_powered(False)
     with pytest.raises(BleakBluetoothNotAvailableError):
         await BleakScanner.discover(timeout=0.2)
+
+
+@pytest.mark.parametrize("codec", [0, 1, 10, 11])
+async def test_pcm_and_mulaw_codecs_carry_the_source_audio(
+        fake_bluez: FakeBluez, demo_audio: np.ndarray, codec: int) -> None:
+    from bridge.audio.codecs import make_decoder
+
+    # Start inside speech: µ-law quantisation noise would dominate near-silence.
+    omi = OmiModel(address=OMI, codec=codec, audio=demo_audio[48_000:], after_clip="loop")
+    await fake_bluez.add_device(omi)
+    got = Collector()
+    async with BleakClient(await find_omi()) as client:
+        assert (await client.read_gatt_char(CODEC_TYPE_UUID))[0] == codec
+        await client.start_notify(AUDIO_DATA_UUID, got)
+        packets = await got.wait_for(40)
+    # Reassemble whole frames (PCM16 at 16 kHz is 320 bytes: two notifications at MTU 247).
+    start = next(i for i, p in enumerate(packets) if p[2] == 0)
+    frames: list[bytes] = []
+    for p in packets[start:]:
+        if p[2] == 0:
+            frames.append(p[3:])
+        else:
+            frames[-1] += p[3:]
+    frames = frames[:-1]
+    decoder = make_decoder(codec)
+    pcm = np.concatenate([decoder.decode(f) for f in frames] + [decoder.flush()])
+    first = next(n for n, _t, i, _s in omi.frame_log if i == indices(packets)[start])
+    source = np.concatenate([omi.frame_audio(first + k) for k in range(len(frames))])
+    assert len(pcm) == len(source)
+    assert best_correlation(pcm, source, max_lag=8) > 0.8

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
 
 from bridge.errors import BridgeError
@@ -120,7 +121,10 @@ class PrivateBus:
                 [daemon, f"--config-file={config_path}", "--nofork", "--nopidfile",
                  "--print-address=1"],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                preexec_fn=_set_pdeathsig)
+                # The death signal fires when the *thread* that forked exits, so only use it
+                # from the main thread; atexit covers the rest.
+                preexec_fn=_set_pdeathsig if threading.current_thread() is threading.main_thread()
+                else None)
         atexit.register(self.stop)
         assert self._proc.stdout is not None
         line = self._read_address_line()

@@ -163,13 +163,14 @@ def opus_encoder(frame_samples: int) -> Any:
 
 
 def _ulaw_encode(x: np.ndarray) -> bytes:
-    """G.711 µ-law (ITU-T G.711; bias 0x84, clip 32635), the inverse of the usual decode table."""
-    s = x.astype(np.int32)
-    sign = np.where(s < 0, 0x80, 0)
-    mag = np.minimum(np.abs(s), 32635) + 0x84
-    exp = np.floor(np.log2(mag)).astype(np.int32) - 7
-    mant = (mag >> (exp + 3)) & 0x0F
-    return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
+    """G.711 µ-law on the 14-bit magnitude, as the ITU-T reference (and Python's audioop) does:
+    bias 33, clip 8159, 8 segments; negative samples floor before taking the magnitude."""
+    v = x.astype(np.int32) >> 2
+    mask = np.where(v < 0, 0x7F, 0xFF)
+    v = np.minimum(np.abs(v), 8159) + 33
+    seg = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), v)
+    u = np.where(seg >= 8, 0x7F, (seg << 4) | ((v >> (seg + 1)) & 0x0F))
+    return ((u ^ mask) & 0xFF).astype(np.uint8).tobytes()
 
 
 class FrameEncoder:
