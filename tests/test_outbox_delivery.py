@@ -22,7 +22,7 @@ import pytest
 from bridge.config import ApiOptions, Config, StorageOptions
 from bridge.conversation import Conversation, Segment
 from bridge.errors import BridgeError
-from bridge.outbox.client import check_base_url
+from bridge.outbox.client import Credentials, check_base_url
 from bridge.outbox.commands import EXIT_PAUSED, EXIT_REJECTED, EXIT_SENT, EXIT_WAITING, send_conversations
 from bridge.outbox.sender import Sender, outbox_status
 from bridge.outbox.store import DeliveryLock, Outbox
@@ -223,11 +223,16 @@ def test_an_unknown_key_and_a_missing_key_pause_with_what_to_fix(tmp_path: Path,
     assert items(cfg)[0]["state"] == "sent"
 
 
-def test_plain_http_is_refused_except_to_loopback() -> None:
+def test_plain_http_is_refused_except_to_loopback(tmp_path: Path, sim: OmiApiSim) -> None:
     for ok in ("https://api.omi.me", "http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost"):
         check_base_url(ok)
     with pytest.raises(BridgeError, match=r"\[api\] base_url"):
         check_base_url("http://api.omi.me")
+    cfg = Config(api=ApiOptions(base_url="http://api.omi.me", api_key=KEY),
+                 storage=StorageOptions(dir=str(tmp_path / "state")))
+    code, out = send([conversation()], cfg, FakeClock())
+    assert code == EXIT_PAUSED and "[api] base_url" in out and KEY not in out
+    assert KEY not in repr(Credentials("https://api.omi.me", KEY))
 
 
 def test_a_rejected_body_is_dead_lettered_with_the_servers_reason(tmp_path: Path, sim: OmiApiSim) -> None:
