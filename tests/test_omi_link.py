@@ -236,3 +236,66 @@ async def test_restarted_bridge_reattaches_to_the_link_bluez_kept(fake_bluez, pr
     await asyncio.wait_for(task, TIMEOUT)
     assert dev.connects == 1  # no new Connect: we re-attached to the existing link
     assert link.stats.frames > 0 and link.stats.codec == 21
+
+
+@pytest.mark.parametrize("codec", [0, 1, 10, 11])
+async def test_pcm_and_mulaw_pendants_stream_at_16_khz(fake_bluez, codec):
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    model = OmiModel(codec=codec, loss=0.05, seed=2, audio=tone)
+    link, sink, _end, _written = await stream(fake_bluez, model, until_frames=60)
+    s = link.stats
+    assert s.codec == codec and s.frames == model.stats.frames_sent
+    # PCM16 at 16 kHz (320-byte frames) is fragmented at MTU 247: lost frames are estimated.
+    assert abs(s.lost_frames - detectable_losses(model)) <= (2 if codec == 0 else 0)
+    assert link.timeline.samples_written == (s.frames + s.lost_frames) * model.frame_samples
+    assert np.abs(sink.pcm()).max() > 4000  # the tone came through at its level
+
+
+async def test_bluez_connect_errors_are_retried_until_the_link_is_up(fake_bluez):
+    model = OmiModel()
+    await fake_bluez.add_device(model)
+    dev = fake_bluez.device(model.address)
+    dev.connect_errors = [("org.bluez.Error.Failed", "le-connection-abort-by-local"),
+                          ("org.bluez.Error.InProgress", "Operation already in progress"),
+                          ("org.bluez.Error.Failed", "Software caused connection abort")]
+    sink = WavSink()
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(sink.first_audio.wait(), TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert dev.connect_errors == [] and link.stats.frames > 0
+
+
+async def test_scan_with_the_adapter_off_says_how_to_turn_it_on(fake_bluez):
+    from bridge.devices.scan import bluetooth_errors
+    from bridge.errors import BridgeError
+
+    fake_bluez.set_powered(False)
+    with pytest.raises(BridgeError) as err, bluetooth_errors("hci0"):
+        await async_scan(Config(), timeout=0.5)
+    assert "powered off" in str(err.value) and "bluetoothctl power on" in err.value.hint
+
+
+def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
+    from bridge.devices.supervisor import TRANSIENT, backoff_seconds
+
+    opts = LinkOptions(reconnect_min_seconds=0.25, reconnect_max_seconds=30.0)
+    top = [backoff_seconds(n, opts, TRANSIENT, rand=lambda: 1.0) for n in range(1, 10)]
+    assert top == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff_seconds(3, opts, TRANSIENT, rand=lambda: 0.0) == 0.5  # jitter halves at most
+
+
+def test_bluez_errors_map_to_the_advice_a_user_needs():
+    from bleak.exc import BleakBluetoothNotAvailableError, BleakDBusError, BleakError
+
+    from bridge.devices.supervisor import ADAPTER_OFF, AUTH, BUSY, DEVICE_MISSING, DEVICE_PROBLEM, classify
+
+    assert classify(BleakError("device 'dev_C0_FF' not found")) is DEVICE_MISSING  # stale BLEDevice
+    assert classify(BleakDBusError("org.bluez.Error.InProgress", [])) is BUSY
+    assert classify(BleakDBusError("org.bluez.Error.AuthenticationFailed", [])) is AUTH
+    assert classify(BleakBluetoothNotAvailableError("off", None)) is ADAPTER_OFF
+    assert classify(UnknownCodecError("codec 66", "")) is DEVICE_PROBLEM
+    assert "phone" in DEVICE_MISSING.advice and "bluetoothctl power on" in ADAPTER_OFF.advice
