@@ -101,6 +101,10 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
         print(f"demo: {text}", file=out, flush=True)
 
     with OmiApiSim({DEMO_KEY: ApiKey(uid="demo-user")}) as api, PrivateBus() as bus:
+        # The daemon closing its keep-alive connection at exit is normal; keep the output readable.
+        server = getattr(api, "_server", None)
+        if server is not None:
+            server.handle_error = lambda *_args: None
         # bleak reads the bus address when it first connects on this loop: set it before that.
         os.environ.update({k: v for k, v in bus.env().items()
                            if k in ("DBUS_SYSTEM_BUS_ADDRESS", "PATH")})
