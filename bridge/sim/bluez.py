@@ -22,6 +22,7 @@ import socket
 import struct
 import termios
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -85,6 +86,8 @@ _BACKLOG_POLL_S = 0.001
 # from the last 4 hex digits of each path, bluez-for-tests.md §5).
 FIRST_GATT_HANDLE = 0x0010
 DEFAULT_ADAPTER_ADDRESS = "00:1A:7D:DA:71:13"
+# Method calls remembered in FakeBluez.calls (bounded for long demos).
+CALL_LOG_LIMIT = 10_000
 # Connect error text BlueZ gives for an LE connection it aborted itself; bleak retries it.
 LE_ABORT_BY_LOCAL = "le-connection-abort-by-local"
 
@@ -566,8 +569,8 @@ class FakeBluez:
         self._cond: asyncio.Condition | None = None
         self._adv_task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.calls: list[tuple[str, str, str]] = []
-        """(sender, interface, member) of every method call, for tests."""
+        self.calls: deque[tuple[str, str, str]] = deque(maxlen=CALL_LOG_LIMIT)
+        """(sender, interface, member) of recent method calls, for tests."""
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> FakeBluez:
@@ -618,6 +621,8 @@ class FakeBluez:
     async def add_device(self, model: DeviceModel, *, paired: bool = False) -> FakeDevice:
         """Add a peripheral. It becomes visible when it advertises during a scan (or at once
         when ``paired``: BlueZ loads bonded devices at start-up)."""
+        if model.address in self.devices:
+            raise ValueError(f"a simulated device with address {model.address} already exists")
         dev = FakeDevice(self, model, paired=paired)
         self.devices[model.address] = dev
         model.attach(dev)

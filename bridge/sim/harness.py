@@ -3,7 +3,8 @@
 For synchronous callers: ``omi-bridge demo`` and tests that run the product in a subprocess.
 The simulator gets its own event loop, so it keeps producing audio at the real rate no matter
 what the caller's thread does. Touch simulator objects only through ``run``/``call`` (they
-execute on the simulator's loop).
+execute on the simulator's loop). The loop's clock is ``time.monotonic()``, so model ground
+truth such as ``OmiModel.samples_produced_between(t0, t1)`` takes monotonic times from any thread.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ class SimHarness:
 
     def set_in_range(self, address: str, in_range: bool) -> None:
         self.run(lambda fake: fake.device(address).set_in_range(in_range))
+
+    def model(self, address: str) -> DeviceModel:
+        """The device model (read its counters freely; change it only through ``run``)."""
+        return self.run(lambda fake: fake.device(address).model)
+
+    def press(self, address: str, event: int) -> None:
+        """Omi button event (1 tap, 2 double tap, 3 long press, 4 press, 5 release)."""
+        self.call(lambda fake: fake.device(address).model.press(event))  # type: ignore[attr-defined]
 
     def stats(self, address: str = "") -> Any:
         """Link and model counters of one device (or a list for all)."""
