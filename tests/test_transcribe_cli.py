@@ -1,0 +1,80 @@
+"""`omi-bridge transcribe`: a file in, the exact request bodies the sender will post out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.asr
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "bridge" / "assets" / "demo_speech.flac"
+STEREO = ROOT.parent / "shared" / "corpus" / "stereo_diarization.wav"
+TIMEOUT = 300.0
+
+
+def transcribe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "state"}"\n')
+    return subprocess.run([sys.executable, "-m", "bridge", "transcribe", "--config", str(config), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+def test_json_prints_one_valid_request_body_per_conversation(tmp_path: Path) -> None:
+    audio = tmp_path / "memo.flac"
+    shutil.copy(DEMO, audio)
+    files = [str(audio)] + ([str(STEREO)] if STEREO.exists() else [])
+    run = transcribe(tmp_path, *files, "--json")
+    assert run.returncode == 0, run.stderr
+    bodies = json.loads(run.stdout)
+    assert len(bodies) == len(files)
+    memo = bodies[0]
+    text = " ".join(s["text"] for s in memo["transcript_segments"]).lower()
+    assert "milk" in text and "thursday" in text
+    started = datetime.fromisoformat(memo["started_at"])
+    finished = datetime.fromisoformat(memo["finished_at"])
+    assert started.tzinfo is not None and finished > started
+    assert memo["source"] == "external_integration" and memo["language"] == "en"
+    assert memo["client_session_id"].startswith("omi-bridge:file:")
+    for body in bodies:
+        segs = body["transcript_segments"]
+        assert 1 <= len(segs) <= 500
+        assert [s["start"] for s in segs] == sorted(s["start"] for s in segs)
+        for s in segs:
+            assert s["text"].strip() and 0 <= s["start"] < s["end"]
+    if STEREO.exists():  # both channels mixed down: words of each speaker come out
+        stereo_text = " ".join(s["text"] for s in bodies[1]["transcript_segments"]).lower()
+        assert "curtain" in stereo_text and "distant" in stereo_text
+
+    # The same recording imported again (another name, another start) is the same conversation.
+    again = tmp_path / "copy.flac"
+    shutil.copy(DEMO, again)
+    run2 = transcribe(tmp_path, str(again), "--json", "--started-at", "2026-01-31T09:30:00+01:00",
+                      "--source", "omi")
+    assert run2.returncode == 0, run2.stderr
+    (body2,) = json.loads(run2.stdout)
+    assert body2["client_session_id"] == memo["client_session_id"]
+    assert body2["source"] == "omi"
+    offset = datetime.fromisoformat(memo["started_at"]) - datetime.fromisoformat(memo["finished_at"])
+    assert datetime.fromisoformat(body2["started_at"]) - datetime.fromisoformat(body2["finished_at"]) \
+        == offset
+    assert datetime.fromisoformat(body2["started_at"]) > datetime.fromisoformat("2026-01-31T08:30:00+00:00")
+
+
+def test_plain_text_is_a_readable_transcript_and_bad_files_are_named(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not audio")
+    run = transcribe(tmp_path, str(bogus))
+    assert run.returncode == 1
+    assert "notes.txt" in run.stderr and "Traceback" not in run.stderr
+
+    run = transcribe(tmp_path, str(DEMO))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("Conversation 1:")
+    assert "milk" in run.stdout.lower()
