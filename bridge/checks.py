@@ -47,6 +47,10 @@ class Problem:
         text = f"{kind}: {self.key}: {self.message}"
         return f"{text}\n    → {self.hint}" if self.hint else text
 
+    def one_line(self) -> str:
+        """For the log: one line per event."""
+        return f"{self.key}: {self.message}" + (f" (→ {self.hint})" if self.hint else "")
+
 
 # --------------------------------------------------------------------------------------------
 # Individual checks
@@ -214,7 +218,7 @@ def require_valid(cli_path: str | None) -> Config:
     config, problems = check(cli_path)
     for p in problems:
         if p.warning:
-            _LOGGER.warning("%s", p)
+            _LOGGER.warning("%s", p.one_line())
     bad = errors(problems)
     if bad or config is None:
         text = "refusing to start; the configuration has problems:\n" + "\n".join(f"  {p}" for p in bad)
