@@ -417,3 +417,21 @@ async def test_pcm_and_mulaw_codecs_carry_the_source_audio(
     source = np.concatenate([omi.frame_audio(first + k) for k in range(len(frames))])
     assert len(pcm) == len(source)
     assert best_correlation(pcm, source, max_lag=8) > 0.8
+
+
+@pytest.mark.parametrize("value_on_read", [True, False])
+async def test_read_while_subscribed_echoes_as_a_notification_like_bluez(
+        fake_bluez: FakeBluez, value_on_read: bool) -> None:
+    from bridge.sim.omi import BATTERY_LEVEL_UUID
+
+    fake_bluez.value_on_read = value_on_read
+    omi = OmiModel(address=OMI, battery=64)
+    await fake_bluez.add_device(omi)
+    got = Collector()
+    async with BleakClient(await find_omi()) as client:
+        await client.start_notify(BATTERY_LEVEL_UUID, got)
+        assert (await client.read_gatt_char(BATTERY_LEVEL_UUID))[0] == 64
+        await omi.set_battery(63)  # a real notification, after the read
+        packets = await got.wait_for(2 if value_on_read else 1)
+    # bluez-for-tests.md §6.5: BlueZ signals Value after ReadValue too, so the callback sees it.
+    assert packets == ([b"\x40", b"\x3f"] if value_on_read else [b"\x3f"])
