@@ -81,11 +81,14 @@ class LinkOptions:
 class FrameOptions:
     """Microphone format streamed by Frame glasses ([frame])."""
 
-    sample_rate: int = _f(16000, "Frame microphone sample rate in Hz: 16000 or 8000.",
-                          choices=(16000, 8000))
-    bit_depth: int = _f(8, "Frame microphone sample size in bits: 8 or 16.", choices=(8, 16))
+    sample_rate: int = _f(8000, "Frame microphone sample rate in Hz: 8000 or 16000. The default "
+                          "8000 Hz / 16-bit transcribes quiet speech far better than 16000 Hz / "
+                          "8-bit (same 16 kB/s; see README \"Frame glasses\").",
+                          choices=(8000, 16000))
+    bit_depth: int = _f(16, "Frame microphone sample size in bits: 16 or 8 (8-bit keeps only the "
+                        "high byte: quiet speech is lost).", choices=(16, 8))
     heartbeat_seconds: float = _f(
-        2.0, "Seconds between heartbeats; the glasses stop the mic after missing them.", gt=0)
+        2.0, "Seconds between heartbeats; the glasses stop the mic after missing 3 of them.", gt=0)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ ADDRESS = "4F:A1:B2:C3:D4:E5"
 TIMEOUT = 20.0
 """Upper bound for any wait below (connect + app upload take ~1 s on an idle machine)."""
 PACKET = 240
-"""PCM bytes per packet at MTU 247 (max_length 243 − 3-byte header, capped at 240); at 16 kHz /
-8-bit that is 240 samples of the 16 kHz timeline."""
+"""PCM bytes per packet at MTU 247 (max_length 243 − 3-byte header, capped at 240): 240 samples
+of the 16 kHz timeline at 16 kHz / 8-bit and at 8 kHz / 16-bit (120 samples, resampled ×2)."""
 POP = 3200
 """Samples muted at the start of each recording (0.2 s)."""
 FAST_LINK = LinkOptions(scan_timeout_seconds=5.0, reconnect_min_seconds=0.1, reconnect_max_seconds=1.0)
@@ -85,9 +85,15 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[:n].astype(float), b[:n].astype(float))[0, 1])
 
 
-async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_bluez, fixture_wav):
+@pytest.mark.parametrize(("rate", "bits", "min_corr"), [
+    (8_000, 16, 0.9),   # the default: narrowband (no anti-aliasing on the glasses) but full depth
+    (16_000, 8, 0.98),  # what the Omi app streams: full band, high byte only
+])
+async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_bluez, fixture_wav, rate,
+                                                                         bits, min_corr):
     model = FrameModel(address=ADDRESS, source=fixture_wav)
-    link, sink, stop, task = await start_link(fake_bluez, model, paired=False)
+    options = FrameOptions(sample_rate=rate, bit_depth=bits)
+    link, sink, stop, task = await start_link(fake_bluez, model, paired=False, options=options)
     await wait_for(lambda: sink.samples >= 3 * 16_000, "3 s of audio")
     await finish(stop, task)
 
@@ -98,19 +104,22 @@ async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_blu
     assert model.file_writes == {f"{APP_MODULE}.lua": 1}
     assert stats.firmware == model.firmware
     assert stats.battery == 87
-    # The timeline is exactly the packets the glasses sent, nothing lost on a clean link.
+    # The timeline is exactly the packets the glasses sent (240 bytes = 240 samples at 16 kHz in
+    # both formats), nothing lost on a clean link; the resampler adds at most a sample.
     assert stats.lost_frames == 0 and stats.malformed == 0
-    assert len(out) == stats.packets * PACKET
-    # It is the glasses' audio: the source, 8-bit, minus the muted start-of-recording pop.
+    assert abs(len(out) - stats.packets * PACKET) <= 2
+    # It is the glasses' audio: the source in the chosen format, minus the muted start pop.
     assert not out[:POP].any()
-    assert correlation(out[POP:], fixture_wav[POP:len(out)]) > 0.98
+    assert correlation(out[POP:], fixture_wav[POP:len(out)]) > min_corr
     # The app paused the mic when we said goodbye (CMD_STOP).
     await wait_for(lambda: not model.mic_running, "the mic to stop")
 
 
 async def test_lost_packets_are_counted_and_become_silence_of_their_length(fake_bluez, fixture_wav):
     model = FrameModel(address=ADDRESS, source=fixture_wav, loss_rate=0.05, seed=7)
-    link, sink, stop, task = await start_link(fake_bluez, model)
+    # 16 kHz / 8-bit: no resampler, so every lost packet's exact span can be checked.
+    options = FrameOptions(sample_rate=16_000, bit_depth=8)
+    link, sink, stop, task = await start_link(fake_bluez, model, options=options)
     await wait_for(lambda: sink.samples >= 3 * 16_000 and link.stats.lost_frames >= 3, "lossy audio")
     await finish(stop, task)
 
