@@ -285,6 +285,7 @@ class OmiModel(DeviceModel):
         self.time_writes: list[int] = []
         """Epoch seconds written to 19B10031 by the central (one per connect, like the app)."""
         self.button_events: list[int] = []
+        self._time_set_at: tuple[int, float] | None = None
         self._rng = random.Random(self.seed)
         self._index = self.start_index % INDEX_MODULO
         self._encoder = FrameEncoder(self.codec)
@@ -433,10 +434,10 @@ class OmiModel(DeviceModel):
         self.values[u] = bytes(data)
 
     def _device_time(self) -> int:
-        base = getattr(self, "_time_set_at", None)
-        if base is None:
+        if self._time_set_at is None:
             return 0
-        return int(base[0] + time.monotonic() - base[1])
+        epoch, at = self._time_set_at
+        return int(epoch + time.monotonic() - at)
 
     # --- button and battery --------------------------------------------------------------------
     async def press(self, event: int = BUTTON_SINGLE_TAP) -> bool:
