@@ -345,8 +345,9 @@ class Daemon:
 
     def summary(self) -> str:
         """The one-line STATUS=: devices, battery, backlog, outbox."""
+        stuck = "" if self.worker_healthy() else "; transcription STUCK"
         if not self.ready and self.phase:
-            return self.phase
+            return self.phase + stuck
         parts = []
         connected = sum(1 for d in self.devices if d.stats.connected)
         devs = []
@@ -364,9 +365,7 @@ class Daemon:
                          f"{counts.get('sent', 0)} sent, {counts.get('dead', 0)} dead")
         if ob.get("paused"):
             parts.append("delivery PAUSED")
-        if not self.worker_healthy():
-            parts.append("transcription STUCK")
-        return "; ".join(parts)
+        return "; ".join(parts) + stuck
 
     def state(self) -> dict[str, Any]:
         devices = []

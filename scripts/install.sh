@@ -12,6 +12,7 @@ SRC="$(cd "$(dirname "$0")/.." && pwd)"
 PREFIX="${PREFIX:-/opt/omi-bridge}"
 CONF_DIR="${CONF_DIR:-/etc/omi-bridge}"
 UNIT_DIR="${UNIT_DIR:-/etc/systemd/system}"
+BIN_DIR="${BIN_DIR:-/usr/local/bin}"
 STATE_DIR=/var/lib/omi-bridge
 SERVICE_USER=omi-bridge
 PYTHON="${PYTHON:-python3}"
@@ -44,7 +45,7 @@ mkdir -p "$PREFIX"
 [ -x "$PREFIX/.venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/.venv"
 "$PREFIX/.venv/bin/python" -m pip install -q --upgrade pip
 "$PREFIX/.venv/bin/python" -m pip install -q --upgrade "$SRC"
-ln -sf "$PREFIX/.venv/bin/omi-bridge" /usr/local/bin/omi-bridge
+ln -sf "$PREFIX/.venv/bin/omi-bridge" "$BIN_DIR/omi-bridge"
 
 echo "install: configuration in $CONF_DIR"
 install -d -m 0750 -o root -g "$SERVICE_USER" "$CONF_DIR"
@@ -62,8 +63,9 @@ else
 fi
 
 echo "install: systemd unit"
+mkdir -p "$UNIT_DIR"
 install -m 0644 "$SRC/systemd/omi-bridge.service" "$UNIT_DIR/omi-bridge.service"
-if [ -d /run/systemd/system ]; then
+if [ -d /run/systemd/system ] && [ "$UNIT_DIR" = /etc/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable omi-bridge.service
     # Pick up the new code if it was already running.
