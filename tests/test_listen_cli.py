@@ -83,3 +83,17 @@ def test_listen_without_a_device_says_what_to_do(simulator, tmp_path: Path):
     assert result.returncode == 1
     assert "AA:BB:CC:DD:EE:FF was not seen" in result.stderr
     assert "omi-bridge scan" in result.stderr
+
+
+def test_scan_json_lists_the_pendant(simulator, tmp_path: Path):
+    env = {**os.environ, **simulator["env"]}
+    env.pop("OMI_BRIDGE_CONFIG", None)
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "scan", "--timeout", "1", "--json", "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert [(d["address"], d["kind"], d["name"]) for d in found] == [(ADDRESS, "omi", "Omi")]
+    assert isinstance(found[0]["rssi"], int)

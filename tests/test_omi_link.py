@@ -70,6 +70,13 @@ class TimelineSink(WavSink):
                 await self.grew.wait_for(lambda: self.samples >= n)
 
 
+def outage_after_first_audio(model: OmiModel) -> int:
+    """Frames the pendant produced while disconnected, after it first streamed."""
+    statuses = [status for _n, _due, _idx, status in model.frame_log]
+    first = statuses.index("sent")
+    return sum(1 for st in statuses[first:] if st in ("offline", "unsubscribed"))
+
+
 async def stream(fake, model: OmiModel, until_frames: int, options: LinkOptions = FAST):
     """Run a DeviceLink until its timeline holds ``until_frames`` frames of the pendant's audio."""
     await fake.add_device(model)
@@ -121,6 +128,8 @@ async def test_a_minute_with_radio_loss_and_a_dropped_link_keeps_length_and_coun
     assert tl.silence_samples > 0
     assert len(sink.pcm()) == tl.samples_written
     assert np.abs(sink.pcm()[: SAMPLE_RATE * 5]).max() > 1000  # speech, not silence
+    # The pendant stayed in range, so the drop cost well under 2 s of audio.
+    assert outage_after_first_audio(model) * model.frame_seconds < 2.0
 
 
 @pytest.mark.parametrize("codec", [20, 21])
@@ -299,3 +308,34 @@ def test_bluez_errors_map_to_the_advice_a_user_needs():
     assert classify(BleakBluetoothNotAvailableError("off", None)) is ADAPTER_OFF
     assert classify(UnknownCodecError("codec 66", "")) is DEVICE_PROBLEM
     assert "phone" in DEVICE_MISSING.advice and "bluetoothctl power on" in ADAPTER_OFF.advice
+
+
+async def test_battery_firmware_clock_and_button_reach_the_bridge(fake_bluez):
+    model = OmiModel()
+    await fake_bluez.add_device(model)
+    pressed: asyncio.Queue[int] = asyncio.Queue()
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, WavSink(),
+                      extra={"on_button": pressed.put_nowait})
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(link.supervisor.connected_event.wait(), TIMEOUT)
+    assert (link.stats.battery, link.stats.firmware) == (87, "3.0.9")
+    assert len(model.time_writes) == 1 and abs(model.time_writes[0] - time.time()) < 5
+    await model.set_battery(42)
+    await model.press(2)  # notifications arrive in order: the battery level is in before the tap
+    assert await asyncio.wait_for(pressed.get(), TIMEOUT) == 2
+    assert link.stats.battery == 42
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_a_link_below_mtu_100_is_reported(fake_bluez, caplog):
+    model = OmiModel(mtu=90)
+    await fake_bluez.add_device(model)
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, WavSink())
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(link.supervisor.connected_event.wait(), TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert "ATT MTU is 90; Omi sends no audio below 100" in caplog.text
