@@ -92,8 +92,22 @@ def make_models(args: argparse.Namespace) -> list[tuple[str, DeviceModel]]:
     return out
 
 
+def _exit_with_parent() -> None:
+    """A simulator is always someone's helper: end with the process that started it, so a
+    crashed test run leaves no simulator behind (prctl(2) PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    from bridge.sim.bus import _PR_SET_PDEATHSIG
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_with_parent()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s sim %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from bridge.sim.harness import SimHarness

@@ -43,6 +43,7 @@ class SimHarness:
         self._control: SimControl | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.quit_requested = threading.Event()
         """Set when a client called the control interface's Quit()."""
 
@@ -86,8 +87,15 @@ class SimHarness:
             await self.fake.add_device(model, paired=model.address in self._paired)
         if self._control_wanted:
             self._control = await SimControl(self.fake, on_quit=self.quit_requested.set).start()
+        assert self.fake._bus is not None
+        watcher = asyncio.get_running_loop().create_task(self.fake._bus.wait_for_disconnect())
+        # The bus is gone (its owner died): nobody can reach the simulator any more.
+        watcher.add_done_callback(lambda _t: self.quit_requested.set())
+        self._watcher = watcher
 
     async def _teardown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._control is not None:
             await self._control.stop()
         if self.fake is not None:
