@@ -38,6 +38,8 @@ LEAD_IN = 2.0
 API_KEY = "omi_dev_e2e_secret_key"
 PENDANT = "C0:FF:EE:00:00:01"
 SECOND = "C0:FF:EE:00:00:02"
+AWAY = "C0:FF:EE:00:00:09"
+"""Paired but never in range: it must not hold up READY nor the other devices."""
 KEY_WORDS = ("milk", "sarah", "budget")
 EXIT_CONFIG = 78
 
@@ -246,7 +248,8 @@ def logs(*paths: Path) -> str:
 
 def test_two_pendants_become_conversations_in_omi_under_systemd(
         tmp_path: Path, bus: PrivateBus, api: OmiApiSim, notify: NotifySocket, speech_wav: Path) -> None:
-    config = write_config(tmp_path, [(PENDANT, "pendant"), (SECOND, "second")], api.url, gap=3.0)
+    config = write_config(tmp_path, [(PENDANT, "pendant"), (SECOND, "second"), (AWAY, "away")],
+                          api.url, gap=3.0)
     env = daemon_env(bus, notify)
     dlog, slog = tmp_path / "daemon.log", tmp_path / "sim.log"
     daemon = Daemon(config, env, dlog)
@@ -260,12 +263,13 @@ def test_two_pendants_become_conversations_in_omi_under_systemd(
 
         sim = Simulator(bus, [PENDANT, SECOND], speech_wav, slog)
         notify.wait(lambda m: m.get("READY") == "1", START_TIMEOUT, "READY=1")
-        notify.wait(lambda m: "2/2 connected" in m.get("STATUS", ""), START_TIMEOUT,
-                    "a STATUS with both devices connected")
+        notify.wait(lambda m: "2/3 connected" in m.get("STATUS", ""), START_TIMEOUT,
+                    "a STATUS with both present devices connected")
 
         info = status_json(config, env)
         assert info["running"] and info["ready"]
-        assert {d["name"]: d["connected"] for d in info["devices"]} == {"pendant": True, "second": True}
+        assert {d["name"]: d["connected"] for d in info["devices"]} == {
+            "pendant": True, "second": True, "away": False}
 
         assert api.wait_until(lambda: len(api.conversations()) >= 2, TIMEOUT), logs(dlog, slog)
         convs = api.conversations()
@@ -282,6 +286,8 @@ def test_two_pendants_become_conversations_in_omi_under_systemd(
         outbox = json.loads(listed.stdout)
         assert sorted(i["client_session_id"] for i in outbox) == sorted(c.client_session_id for c in convs)
         assert all(i["state"] == "sent" for i in outbox)
+        away = next(d for d in status_json(config, env)["devices"] if d["name"] == "away")
+        assert "not seen" in (away["last_error"] or ""), away
 
         assert notify.seen("WATCHDOG")
         assert daemon.terminate() == 0, logs(dlog)
