@@ -435,3 +435,35 @@ async def test_read_while_subscribed_echoes_as_a_notification_like_bluez(
         packets = await got.wait_for(2 if value_on_read else 1)
     # bluez-for-tests.md §6.5: BlueZ signals Value after ReadValue too, so the callback sees it.
     assert packets == ([b"\x40", b"\x3f"] if value_on_read else [b"\x3f"])
+
+
+def test_missing_dbus_daemon_is_a_clear_error_naming_the_package(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bridge.errors import BridgeError
+    from bridge.sim.bus import PrivateBus
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BridgeError) as err, PrivateBus():
+        pass
+    assert "apt-get install dbus-daemon" in err.value.hint
+
+
+async def test_acquire_write_reports_the_mtu_and_write_commands_reach_the_device(fake_bluez: FakeBluez) -> None:
+    received: list[bytes] = []
+    written = asyncio.Event()
+
+    class Sink(DeviceModel):
+        def on_write(self, char_uuid: str, data: bytes, with_response: bool) -> None:
+            received.append(data)
+            written.set()
+
+    model = Sink("11:22:33:44:55:77", "Sink", ["aaaa"], [ServiceSpec("aaaa", (
+        CharacteristicSpec("aaab", ("write-without-response",)),))], mtu=185)
+    await fake_bluez.add_device(model)
+    device = await BleakScanner.find_device_by_address(model.address, timeout=WAIT_S)
+    assert device is not None
+    async with BleakClient(device) as client:
+        await client._backend._acquire_mtu()  # type: ignore[attr-defined]
+        assert client.mtu_size == 185
+        await client.write_gatt_char("aaab", b"hello", response=False)
+        await asyncio.wait_for(written.wait(), WAIT_S)
+    assert received == [b"hello"]
