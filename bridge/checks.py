@@ -128,8 +128,9 @@ def _check_api_key(config: Config) -> list[Problem]:
             mode = path.stat().st_mode
         except FileNotFoundError:
             return [Problem(key, f"{path} does not exist",
-                            f"write your key there: install -m 600 /dev/null {path} && "
-                            f"nano {path}")]
+                            "create it readable only by the user the daemon runs as (the service: "
+                            f"sudo install -m 600 -o omi-bridge -g omi-bridge /dev/null {path}), "
+                            f"then paste your omi_dev_... key into it (sudoedit {path})")]
         except OSError as exc:
             return [Problem(key, f"cannot read {path}: {exc.strerror}",
                             "make it readable by the service user only (chmod 600, owned by it)")]

@@ -29,7 +29,7 @@ for pkg in bluez libopus0 python3-venv dbus; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
 fi
 
 echo "install: service user $SERVICE_USER"
@@ -45,6 +45,7 @@ mkdir -p "$PREFIX"
 [ -x "$PREFIX/.venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/.venv"
 "$PREFIX/.venv/bin/python" -m pip install -q --upgrade pip
 "$PREFIX/.venv/bin/python" -m pip install -q --upgrade "$SRC"
+mkdir -p "$BIN_DIR"
 ln -sf "$PREFIX/.venv/bin/omi-bridge" "$BIN_DIR/omi-bridge"
 
 echo "install: configuration in $CONF_DIR"
@@ -65,9 +66,11 @@ fi
 echo "install: systemd unit"
 mkdir -p "$UNIT_DIR"
 install -m 0644 "$SRC/systemd/omi-bridge.service" "$UNIT_DIR/omi-bridge.service"
+enabled="installed"
 if [ -d /run/systemd/system ] && [ "$UNIT_DIR" = /etc/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable omi-bridge.service
+    enabled="installed and enabled (it starts at boot)"
     # Pick up the new code if it was already running.
     if systemctl is-active --quiet omi-bridge.service; then
         systemctl restart omi-bridge.service
@@ -78,7 +81,7 @@ fi
 
 cat <<EOF
 
-omi-bridge is installed and enabled. Next steps:
+omi-bridge is $enabled. Next steps:
 
   1. Create an API key in the Omi app (Settings → Developer → Create key) WITH the
      "conversations:write" scope, and store it readable by the service only:
