@@ -50,6 +50,11 @@ DESC_IFACE = "org.bluez.GattDescriptor1"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 DBUS_NAME = "org.freedesktop.DBus"
+# RequestName flag and reply (D-Bus specification, "org.freedesktop.DBus.RequestName").
+DBUS_NAME_FLAG_DO_NOT_QUEUE = 4
+DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER = 1
+# CCCD value with notifications enabled (Bluetooth Core Spec Vol 3 Part G §3.3.3.3).
+CCCD_NOTIFY = 0x0001
 
 # BlueZ error names and texts (bluez src/error.c); bleak matches some texts literally
 # (bleak bluezdbus/utils.py assert_gatt_reply).
@@ -584,8 +589,8 @@ class FakeBluez:
             "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
             "member='NameOwnerChanged'"])
         self._objects[self.adapter_path] = {ADAPTER_IFACE: self._adapter_props()}
-        reply = await self._dbus_call("RequestName", "su", [BLUEZ_SERVICE, 4])  # DO_NOT_QUEUE
-        if reply.body[0] != 1:  # PRIMARY_OWNER
+        reply = await self._dbus_call("RequestName", "su", [BLUEZ_SERVICE, DBUS_NAME_FLAG_DO_NOT_QUEUE])
+        if reply.body[0] != DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER:
             raise RuntimeError(f"cannot own {BLUEZ_SERVICE} on {self.bus_address}")
         for dev in self.devices.values():
             await self._start_model(dev)
@@ -1120,7 +1125,7 @@ class FakeBluez:
         if member == "ReadValue":
             value = self._desc_values.get(path, b"")
             if ch.desc_paths.get(path) == CCCD_UUID:
-                value = struct.pack("<H", 1 if ch.notify.active else 0)
+                value = struct.pack("<H", CCCD_NOTIFY if ch.notify.active else 0)
             return "ay", [value]
         if member == "WriteValue":
             if ch.desc_paths.get(path) == CCCD_UUID:

@@ -23,7 +23,12 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from bridge.sim.bluez import FakeBluez, FakeDevice
+from bridge.sim.bluez import (
+    DBUS_NAME_FLAG_DO_NOT_QUEUE,
+    DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER,
+    FakeBluez,
+    FakeDevice,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,8 +62,9 @@ class SimControl:
         reply = await bus.call(Message(
             destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="RequestName", signature="su",
-            body=[CONTROL_NAME, 4]))
-        if reply is None or reply.message_type == MessageType.ERROR or reply.body[0] != 1:
+            body=[CONTROL_NAME, DBUS_NAME_FLAG_DO_NOT_QUEUE]))
+        if (reply is None or reply.message_type == MessageType.ERROR
+                or reply.body[0] != DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER):
             raise RuntimeError(f"cannot own {CONTROL_NAME}")
         self._bus = bus
         return self
