@@ -14,6 +14,7 @@ import pytest
 
 from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
 from bridge.devices.frame import APP_MODULE, MSG_AUDIO, async_bond
+from bridge.devices.listen import async_listen
 from bridge.devices.supervisor import DeviceLink
 from bridge.errors import BridgeError
 from bridge.sim.frame import FrameModel, load_wav_16k
@@ -111,6 +112,8 @@ async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_blu
     # It is the glasses' audio: the source in the chosen format, minus the muted start pop.
     assert not out[:POP].any()
     assert correlation(out[POP:], fixture_wav[POP:len(out)]) > min_corr
+    # The app keeps up with the microphone: its 2 s FIFO never wrapped.
+    assert model.mic_overruns == 0
     # The app paused the mic when we said goodbye (CMD_STOP).
     await wait_for(lambda: not model.mic_running, "the mic to stop")
 
@@ -194,3 +197,16 @@ async def test_pair_command_explains_a_frame_bonded_to_a_phone(fake_bluez):
         await async_bond(ADDRESS, Config(link=FAST_LINK))
     assert f"bluetoothctl remove {ADDRESS}" in str(err.value)
     assert not fake_bluez.device(ADDRESS).paired
+
+
+async def test_listen_records_frame_glasses_to_a_wav(fake_bluez, fixture_wav, tmp_path):
+    await fake_bluez.add_device(FrameModel(address=ADDRESS, source=fixture_wav), paired=True)
+    wav_path = tmp_path / "frame.wav"
+    device = DeviceConfig(kind="frame", address=ADDRESS)
+    result = await async_listen(device, Config(link=FAST_LINK), 2.0, wav_path)
+    assert result["kind"] == "frame"
+    assert result["seconds"] == 2.0
+    assert result["packets"] > 0 and result["lost_frames"] == 0
+    assert result["firmware"] and result["battery"] == 87
+    with wave.open(str(wav_path), "rb") as w:
+        assert (w.getframerate(), w.getnframes()) == (16_000, 32_000)
