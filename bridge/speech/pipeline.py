@@ -49,16 +49,20 @@ class SpeechPipeline:
     def __init__(self, device: str, config: Config, worker: AsrWorker,
                  on_conversation: Callable[[Conversation], None], *, source: str = "omi",
                  label: str = "", anchor: datetime | None = None,
-                 session_id: SessionIdFn | None = None, storage: Path | None = None) -> None:
+                 session_id: SessionIdFn | None = None, storage: Path | None = None,
+                 on_segments: Callable[[str, datetime, list[Segment]], None] | None = None) -> None:
         """``device``: a stable key (the BLE address) naming the spool folder and session ids.
         ``anchor``: wall-clock time of sample 0 (default: first write's time minus its length).
-        ``storage``: state directory (default ``[storage] dir``)."""
+        ``storage``: state directory (default ``[storage] dir``).
+        ``on_segments(client_session_id, started_at, segments)``: new text as soon as a window is
+        transcribed (status, live view, benchmarks); called on the worker thread."""
         self.device = device
         self.label = label or device
         self.source = source
         self.config = config
         self.worker = worker
         self.on_conversation = on_conversation
+        self.on_segments = on_segments
         self.anchor = anchor
         self._session_id = session_id or (lambda started, _offset: live_session_id(device, started))
         self.dir = spool.device_dir(storage or config.storage.path, device)
@@ -293,14 +297,16 @@ class SpeechPipeline:
     def _on_window(self, conv: OpenConversation, window: Window, results: list[list[RawSegment]],
                    language: str | None) -> None:
         ready: list[OpenConversation] = []
+        fresh: list[Segment] = []
         with self._lock:
             for piece, segs in zip(window.pieces, results, strict=True):
                 utt = conv.utterances.get(piece.key)
                 if utt is None or piece.key in conv.done:
                     continue
                 offset = utt.offset / SAMPLE_RATE
-                conv.segments.extend(Segment(s.text, round(offset + s.start, 3), round(offset + s.end, 3))
-                                     for s in segs)
+                new = [Segment(s.text, round(offset + s.start, 3), round(offset + s.end, 3)) for s in segs]
+                conv.segments.extend(new)
+                fresh.extend(new)
                 conv.done.add(piece.key)
             if language:
                 conv.languages[language] += round(window.seconds, 2)
@@ -308,6 +314,11 @@ class SpeechPipeline:
             for piece in window.pieces:
                 conv.drop_utterance_files(piece.key)
             self._maybe_ready(conv, ready)
+        if fresh and self.on_segments is not None:
+            try:
+                self.on_segments(conv.client_session_id, conv.started_at, fresh)
+            except Exception:
+                _LOGGER.exception("%s: segment callback failed", self.label)
         self._hand_on(ready)
 
     def _maybe_ready(self, conv: OpenConversation, ready: list[OpenConversation]) -> None:
