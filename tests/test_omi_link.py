@@ -298,15 +298,29 @@ def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
 
 
 def test_bluez_errors_map_to_the_advice_a_user_needs():
-    from bleak.exc import BleakBluetoothNotAvailableError, BleakDBusError, BleakError
+    from bleak.exc import (
+        BleakBluetoothNotAvailableError,
+        BleakCharacteristicNotFoundError,
+        BleakDBusError,
+        BleakError,
+    )
 
-    from bridge.devices.supervisor import ADAPTER_OFF, AUTH, BUSY, DEVICE_MISSING, DEVICE_PROBLEM, classify
+    from bridge.devices.supervisor import (
+        ADAPTER_OFF,
+        AUTH,
+        BUSY,
+        DEVICE_MISSING,
+        DEVICE_PROBLEM,
+        WRONG_DEVICE,
+        classify,
+    )
 
     assert classify(BleakError("device 'dev_C0_FF' not found")) is DEVICE_MISSING  # stale BLEDevice
     assert classify(BleakDBusError("org.bluez.Error.InProgress", [])) is BUSY
     assert classify(BleakDBusError("org.bluez.Error.AuthenticationFailed", [])) is AUTH
     assert classify(BleakBluetoothNotAvailableError("off", None)) is ADAPTER_OFF
     assert classify(UnknownCodecError("codec 66", "")) is DEVICE_PROBLEM
+    assert classify(BleakCharacteristicNotFoundError("7a230003")) is WRONG_DEVICE  # not "missing"
     assert "phone" in DEVICE_MISSING.advice and "bluetoothctl power on" in ADAPTER_OFF.advice
 
 

@@ -69,6 +69,7 @@ from bleak import BleakAdapter, BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.exc import (
     BleakBluetoothNotAvailableError,
+    BleakCharacteristicNotFoundError,
     BleakDBusError,
     BleakDeviceNotFoundError,
     BleakError,
@@ -145,6 +146,9 @@ AUTH = FailureKind(
     "auth", 10.0, "the device refused us (pairing/bond problem): remove it with "
     "`bluetoothctl remove ADDRESS` and on the phone, then `omi-bridge pair ADDRESS`")
 TRANSIENT = FailureKind("transient", 0.0, "radio or timing failure; retrying")
+WRONG_DEVICE = FailureKind(
+    "wrong device", 60.0, "it lacks a characteristic its kind must have: check `kind` in its "
+    "[[devices]] table (or --kind) and that its firmware is supported")
 DEVICE_PROBLEM = FailureKind("device problem", 60.0, "")
 """A BridgeError from the session (e.g. unknown codec): retrying soon will not fix it."""
 
@@ -162,6 +166,8 @@ def classify(exc: BaseException) -> FailureKind:
         return DEVICE_MISSING if isinstance(exc, DeviceNotFoundError) else DEVICE_PROBLEM
     if isinstance(exc, BleakBluetoothNotAvailableError):
         return ADAPTER_OFF
+    if isinstance(exc, BleakCharacteristicNotFoundError):
+        return WRONG_DEVICE
     if isinstance(exc, BleakDeviceNotFoundError):
         return DEVICE_MISSING
     if isinstance(exc, BleakDBusError):
@@ -238,6 +244,8 @@ class LinkSupervisor:
             except Exception as exc:  # never crash: every failure becomes a back-off
                 failures += 1
                 kind = classify(exc)
+                if self.raise_errors and kind is WRONG_DEVICE:
+                    raise BridgeError(f"{self.label}: {exc}", kind.advice) from exc
                 self._failed(exc, kind, failures)
                 delay = backoff_seconds(failures, self.options, kind, self._rand)
             else:
@@ -307,7 +315,8 @@ class LinkSupervisor:
         self._last_kind = None
         self.connected_event.set()
         self.disconnected_event.clear()
-        _LOGGER.info("%s connected (%s)", self.label, device.address)
+        _LOGGER.info("%s connected%s", self.label,
+                     "" if self.label == device.address else f" ({device.address})")
         connected_at = time.monotonic()
         reason = "stop"
         try:
