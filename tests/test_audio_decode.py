@@ -133,3 +133,15 @@ def test_stream_counts_what_the_user_sees():
     assert stats.packets == len(frames) - 2 + 1
     assert (stats.frames, stats.lost_frames, stats.duplicates) == (len(frames) - 2, 2, 1)
     assert len(sink.pcm) == len(frames) * 320 == stats.samples_written
+
+
+def test_8_khz_pcm_is_upsampled_without_clicks_at_frame_edges():
+    import soxr
+
+    t = np.arange(8000) / 8000
+    x = (8000 * np.sin(2 * np.pi * 300 * t)).astype("<i2")
+    dec = make_decoder(1)
+    out = np.concatenate([dec.decode(x[i:i + 80].tobytes()) for i in range(0, 8000, 80)] + [dec.flush()])
+    whole = soxr.resample(x, 8000, SAMPLE_RATE)
+    assert len(out) == len(whole) == SAMPLE_RATE
+    assert np.abs(out[200:-200].astype(int) - whole[200:-200]).max() < 100  # same as one pass
