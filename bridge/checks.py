@@ -31,6 +31,8 @@ CTRANSLATE2_MODEL_FILES = ("model.bin", "config.json")
 SECRET_READABLE_BITS = stat.S_IRGRP | stat.S_IROTH
 """A key readable by the group or others may leak; the service user alone should read it."""
 LOOPBACK_NAMES = ("localhost",)
+ADAPTER_CHECK_TIMEOUT = 5.0
+"""One D-Bus round trip to bluetoothd; a hung bus must not hang check-config."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,23 @@ def _check_storage(config: Config) -> list[Problem]:
     return []
 
 
+def _check_adapter(config: Config) -> list[Problem]:
+    """A warning only: the daemon starts anyway and waits for the adapter (USB adapters come late)."""
+    import asyncio
+
+    from bridge.daemon import async_adapter_problem
+
+    try:
+        problem = asyncio.run(asyncio.wait_for(async_adapter_problem(config.link.adapter),
+                                               ADAPTER_CHECK_TIMEOUT))
+    except Exception as exc:
+        problem = f"cannot ask BlueZ ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return []
+    return [Problem("[link] adapter", problem, "the daemon will wait for it before it reports ready",
+                    warning=True)]
+
+
 def _check_devices(config: Config) -> list[Problem]:
     if not config.devices:
         return [Problem("[[devices]]", "no device is paired, so the daemon has nothing to listen to",
@@ -184,8 +203,11 @@ def _check_devices(config: Config) -> list[Problem]:
 # The whole check
 
 
-def check(cli_path: str | None) -> tuple[Config | None, list[Problem]]:
-    """Load the config at ``cli_path`` (or the default location) and check everything."""
+def check(cli_path: str | None, *, with_adapter: bool = False) -> tuple[Config | None, list[Problem]]:
+    """Load the config at ``cli_path`` (or the default location) and check everything.
+
+    ``with_adapter`` also asks BlueZ for the adapter (check-config does; the daemon waits for it
+    itself, in its event loop)."""
     path = resolve_config_path(cli_path)
     where = str(path)
     try:
@@ -201,7 +223,10 @@ def check(cli_path: str | None) -> tuple[Config | None, list[Problem]]:
     config, parse_problems = parse_config(data, where)
     problems = [Problem(where, text, "fix the key named here (config.example.toml documents every key)")
                 for text in parse_problems]
-    for step in (_check_devices, _check_base_url, _check_api_key, _check_model, _check_storage):
+    steps = [_check_devices, _check_base_url, _check_api_key, _check_model, _check_storage]
+    if with_adapter:
+        steps.append(_check_adapter)
+    for step in steps:
         try:
             problems.extend(step(config))
         except Exception as exc:  # a check that crashes must not hide the other findings
@@ -229,7 +254,7 @@ def require_valid(cli_path: str | None) -> Config:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config, problems = check(args.config)
+    config, problems = check(args.config, with_adapter=True)
     path = resolve_config_path(args.config)
     bad = errors(problems)
     if getattr(args, "json", False):

@@ -191,8 +191,20 @@ class Daemon:
         from bridge.speech.asr import AsrWorker
         from bridge.speech.pipeline import SpeechPipeline
 
-        lock = DaemonLock(self.state_dir)
-        lock.acquire()
+        # The storage lock keeps a second daemon (e.g. a manual `run` beside the service) off the
+        # same spool and outbox; the one beside state.json is what `status` checks for liveness.
+        locks = [DaemonLock(self.storage)]
+        if self.state_dir.resolve() != self.storage.resolve():
+            locks.append(DaemonLock(self.state_dir))
+        acquired: list[DaemonLock] = []
+        try:
+            for lock in locks:
+                lock.acquire()
+                acquired.append(lock)
+        except BaseException:
+            for lock in acquired:
+                lock.release()
+            raise
         tasks: list[asyncio.Task[Any]] = []
         try:
             self._publish()
@@ -231,7 +243,8 @@ class Daemon:
             stop.set()
             await self._async_shutdown(tasks)
             remove_state(self.state_dir)
-            lock.release()
+            for lock in acquired:
+                lock.release()
             _LOGGER.info("stopped; open conversations and spooled speech are kept for the next start")
 
     async def _async_shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from bridge.checks import require_valid
+from bridge.checks import check, require_valid
 from bridge.cli import main
 from bridge.errors import BridgeError
+from bridge.sim.bluez import FakeBluez
+from bridge.sim.bus import PrivateBus
 
 DEVICE = '[[devices]]\nkind = "omi"\naddress = "AA:BB:CC:DD:EE:01"\nname = "pendant"\n'
 
@@ -151,3 +154,24 @@ def test_the_daemon_refuses_with_the_same_messages(tmp_path: Path,
     line = next(line for line in out.splitlines() if "gap_seconds" in line)
     assert line.strip() in str(err.value)
     assert "check-config" in str(err.value)
+
+
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+def test_missing_bluetooth_service_is_a_warning_naming_the_fix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], private_bus: PrivateBus) -> None:
+    # A system bus with no bluetoothd on it: the daemon would start and wait, so only a warning.
+    code, out = run_check(write_config(tmp_path, ""), capsys)
+    assert code == 0
+    assert "warning: [link] adapter: bluetoothd is not running" in out
+    assert "systemctl start bluetooth" in out
+
+
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+async def test_present_adapter_gives_no_warning(tmp_path: Path, fake_bluez: FakeBluez) -> None:
+    import asyncio
+
+    _config, problems = await asyncio.to_thread(check, str(write_config(tmp_path, "")), with_adapter=True)
+    assert [p for p in problems if p.key == "[link] adapter"] == []
+    fake_bluez.set_powered(False)
+    _config, problems = await asyncio.to_thread(check, str(write_config(tmp_path, "")), with_adapter=True)
+    assert any("powered off" in p.message and p.warning for p in problems), problems
