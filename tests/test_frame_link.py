@@ -210,3 +210,43 @@ async def test_listen_records_frame_glasses_to_a_wav(fake_bluez, fixture_wav, tm
     assert result["firmware"] and result["battery"] == 87
     with wave.open(str(wav_path), "rb") as w:
         assert (w.getframerate(), w.getnframes()) == (16_000, 32_000)
+
+
+async def test_a_stale_app_on_the_glasses_is_replaced(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    model.files[f"{APP_MODULE}.lua"] = b'return { APP_HASH = "an-older-version" }'
+    link, sink, stop, task = await start_link(fake_bluez, model)
+    await wait_for(lambda: sink.samples > 16_000, "audio")
+    await finish(stop, task)
+    assert model.file_writes == {f"{APP_MODULE}.lua": 1}
+    assert b"an-older-version" not in model.files[f"{APP_MODULE}.lua"]
+
+
+async def test_another_apps_main_lua_is_stopped_and_kept(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    # Like the Omi phone app's main.lua: an endless loop that starts on every VM reset.
+    model.files["main.lua"] = b"while true do frame.sleep(0.01) end"
+    link, sink, stop, task = await start_link(fake_bluez, model)
+    await wait_for(lambda: sink.samples > 16_000, "audio")
+    await finish(stop, task)
+    assert "main.lua" in model.files  # we only add our own file
+    assert link.stats.lost_frames == 0
+
+
+async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    await fake_bluez.add_device(model, paired=True)
+    sink = Sink()
+    # A short watchdog too, so the restart happens even if Frame's error print were dropped.
+    options = LinkOptions(scan_timeout_seconds=5.0, reconnect_min_seconds=0.1,
+                          reconnect_max_seconds=1.0, watchdog_seconds=3.0)
+    link = DeviceLink(DeviceConfig(kind="frame", address=ADDRESS), options, sink,
+                      extra={"frame": FrameOptions()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await wait_for(lambda: sink.samples > 8_000, "audio")
+    model.on_write("7a230002-5475-a6a4-654c-8431f6ad49c4", b"\x03", True)  # someone breaks our app
+    await wait_for(lambda: link.stats.reconnects >= 1 and link.stats.connected, "a restart")
+    after = sink.samples
+    await wait_for(lambda: sink.samples > after + 8_000, "audio again")
+    await finish(stop, task)

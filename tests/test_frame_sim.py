@@ -11,6 +11,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from bridge.devices.frame import APP_MODULE, CMD_HEARTBEAT, MSG_AUDIO, MSG_ERROR, MSG_MIC, app_source
 from bridge.sim.frame import FRAME_RX, FRAME_TX, FrameModel
 
 pytest.importorskip("lupa")
@@ -126,3 +127,35 @@ async def test_require_loads_modules_from_the_glasses_filesystem(glasses):
     model.files["greet.lua"] = b"return { hi = 'hello' }"
     assert await repl(model, link, 'print(require("greet").hi)') == "hello"
     assert "no file" in await repl(model, link, 'local ok, e = pcall(require, "missing") print(e)')
+
+
+async def next_matching(link: Link, match, timeout: float = TIMEOUT) -> bytes:
+    async with asyncio.timeout(timeout):
+        while True:
+            data = await link.got.get()
+            if match(data):
+                return data
+
+
+async def test_our_app_streams_numbered_packets_and_follows_the_heartbeat(glasses):
+    model, link = glasses
+    _digest, source = app_source()
+    model.files[f"{APP_MODULE}.lua"] = source.encode()
+    model.on_write(FRAME_RX, f'require("{APP_MODULE}").run(16000, 8, 0.3)'.encode(), True)
+    assert await next_matching(link, lambda d: d.startswith(b"omib:ready")) == b"omib:ready 240"
+    model.on_write(FRAME_RX, CMD_HEARTBEAT, True)
+    audio = [await next_matching(link, lambda d: d[:2] == bytes([1, MSG_AUDIO])) for _ in range(5)]
+    assert all(len(p) == 2 + 2 + 240 for p in audio)
+    seqs = [p[2] | p[3] << 8 for p in audio]
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+    # No heartbeat for 0.3 s: the app pauses the mic, and the next heartbeat resumes it.
+    assert await next_matching(link, lambda d: d[:2] == bytes([1, MSG_MIC])) == bytes([1, MSG_MIC, 0])
+    assert not model.mic_running
+    model.on_write(FRAME_RX, CMD_HEARTBEAT, True)
+    assert await next_matching(link, lambda d: d[:2] == bytes([1, MSG_MIC])) == bytes([1, MSG_MIC, 1])
+    assert model.mic_running
+    # A break ends the app: it stops the mic and says why with a data message.
+    model.on_write(FRAME_RX, b"\x03", True)
+    end = await next_matching(link, lambda d: d[:2] == bytes([1, MSG_ERROR]))
+    assert b"break signal" in end
+    assert not model.mic_running

@@ -62,6 +62,8 @@ MSG_BATTERY = 0xB2
 """``B2 | percent``: ``floor(frame.battery_level())`` every few seconds."""
 MSG_MIC = 0xB3
 """``B3 | 1/0``: the app resumed / paused the mic (heartbeat watchdog)."""
+MSG_ERROR = 0xB4
+"""``B4 | text``: the app is ending with this Lua error (sent with retries, unlike a print)."""
 CMD_HEARTBEAT = bytes([DATA_PREFIX, 0xB8])
 """Host is alive; the app pauses the mic after ``HEARTBEAT_MISSES`` intervals without one."""
 CMD_STOP = bytes([DATA_PREFIX, 0xB9])
@@ -153,7 +155,9 @@ def not_bonded_error(label: str, address: str, detail: str = "") -> BridgeError:
         "to another phone or computer (Frame keeps one bond only)",
         "put Frame on its charging cradle, hold the pinhole button ~3 s until it shows "
         f"\"Ready to Pair\", then run `bluetoothctl remove {address}` and "
-        f"`omi-bridge pair {address} --kind frame`")
+        f"`omi-bridge pair {address} --kind frame` (if pairing still fails, pair once in "
+        f"`bluetoothctl`: `agent NoInputNoOutput`, `default-agent`, `pair {address}`, "
+        f"`trust {address}`)")
 
 
 async def async_bond(address: str, config: Any) -> None:
@@ -267,6 +271,9 @@ class FrameSession:
             self._on_audio_packet(bytes(data[2:]))
         elif kind == MSG_BATTERY and len(data) == 3:
             self._stats.battery = int(data[2])
+        elif kind == MSG_ERROR:
+            if self._decoder is not None:
+                self._app_failed(bytes(data[2:]).decode("utf-8", "replace"))
         elif kind == MSG_MIC and len(data) == 3:
             self.mic_on = bool(data[2])
             _LOGGER.info("%s: microphone %s", self._label, "resumed" if self.mic_on else "paused")

@@ -9,6 +9,7 @@
 --   MSG_AUDIO   | seq lo | seq hi | PCM      every packet exactly `chunk` PCM bytes
 --   MSG_BATTERY | percent (0..100)          every BATTERY_SECONDS while the host is present
 --   MSG_MIC     | 1 (on) or 0 (paused)      when the heartbeat watchdog changes the mic state
+--   MSG_ERROR   | text                      the app is ending with this error (break included)
 -- Host -> Frame raw data (0x01 prefix, delivered to receive_callback):
 --   CMD_HEARTBEAT                            the host is alive; resumes a paused mic
 --   CMD_STOP                                 the host is leaving: pause the mic now
@@ -22,6 +23,7 @@ M.APP_HASH = "@APP_HASH@"
 local MSG_AUDIO = 0xB1
 local MSG_BATTERY = 0xB2
 local MSG_MIC = 0xB3
+local MSG_ERROR = 0xB4
 local CMD_HEARTBEAT = 0xB8
 local CMD_STOP = 0xB9
 
@@ -65,7 +67,7 @@ local function send(msg)
     return false
 end
 
-function M.run(sample_rate, bit_depth, heartbeat_timeout)
+local function stream(sample_rate, bit_depth, heartbeat_timeout)
     local chunk = math.min(frame.bluetooth.max_length() - HEADER_BYTES, MAX_CHUNK)
     chunk = chunk - chunk % 2   -- read(n) needs an even n (frame.md §6)
     if chunk <= 0 then
@@ -156,6 +158,21 @@ function M.run(sample_rate, bit_depth, heartbeat_timeout)
             end
         end
     end
+end
+
+-- Run until break or error. On the way out the mic is stopped (battery) and the host is told
+-- why with a retried send: a plain error print would be dropped while the slot is busy.
+function M.run(sample_rate, bit_depth, heartbeat_timeout)
+    local _, err = pcall(stream, sample_rate, bit_depth, heartbeat_timeout)
+    pcall(frame.microphone.stop)
+    local msg = string.char(MSG_ERROR) .. string.sub(tostring(err), 1, 200)
+    for _ = 1, SEND_TRIES do
+        if pcall(frame.bluetooth.send, msg) then
+            break
+        end
+        pcall(frame.sleep, SEND_RETRY_SLEEP)
+    end
+    error(err, 0)
 end
 
 return M
