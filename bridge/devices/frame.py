@@ -30,22 +30,17 @@ from typing import Any
 
 from bridge.audio.frame_pcm import FramePcmDecoder
 from bridge.config import FrameOptions
+from bridge.devices.gatt import FRAME_SERVICE
 from bridge.devices.supervisor import SessionContext
 from bridge.errors import BridgeError
 
 _LOGGER = logging.getLogger(__name__)
 
-# --- GATT (frame.md §2; firmware bluetooth.c) -------------------------------------------------
-FRAME_SERVICE = "7a230001-5475-a6a4-654c-8431f6ad49c4"
-"""Frame's only service; advertised, so scans filter on it (frame.md §2, §10)."""
+# --- GATT (frame.md §2; firmware bluetooth.c); the service UUID lives in bridge.devices.gatt -------
 FRAME_WRITE = "7a230002-5475-a6a4-654c-8431f6ad49c4"
 """Host → Frame (Brilliant's docs call it "RX"): Lua chunks, raw data, break/reset."""
 FRAME_NOTIFY = "7a230003-5475-a6a4-654c-8431f6ad49c4"
 """Frame → host ("TX" in Brilliant's docs): print text and ``bluetooth.send`` data."""
-FRAME_NAME_PREFIX = "Frame"
-"""Frame advertises "Frame XX" (older firmware just "Frame"), frame.md §10."""
-FRAME_UPDATE_NAME = "Frame Update"
-"""The DFU bootloader's name; it has no Frame service and must be ignored (frame.md §10)."""
 
 # --- First byte of a write / notification (frame.md §3, §4) --------------------------------------
 DATA_PREFIX = 0x01
@@ -91,22 +86,12 @@ MIN_LUA_CHUNK = 20
 """Below this ``max_length()`` Frame never learned the MTU (frame.md §5): give up."""
 
 
-def is_frame(name: str | None, service_uuids: list[str] | tuple[str, ...] = ()) -> bool:
-    """Is this advertisement Frame glasses? (The service UUID, else a "Frame…" name, never the
-    "Frame Update" bootloader; frame.md §10.)"""
-    if name and name.startswith(FRAME_UPDATE_NAME):
-        return False
-    if FRAME_SERVICE in (u.lower() for u in service_uuids):
-        return True
-    return bool(name and name.startswith(FRAME_NAME_PREFIX))
-
-
 def app_source() -> tuple[str, str]:
     """(hash, Lua text) of the app we upload; the hash is of the template, so it changes exactly
     when the app does."""
     template = resources.files("bridge.devices").joinpath(APP_RESOURCE).read_text(encoding="utf-8")
     digest = hashlib.sha256(template.encode()).hexdigest()[:16]
-    # Full-line comments and blank lines stay on the host: ~40 % fewer upload round trips.
+    # Full-line comments and blank lines stay on the host: ~20 % fewer paced upload round trips.
     lines = [ln.rstrip() for ln in template.splitlines()
              if ln.strip() and not ln.lstrip().startswith("--")]
     return digest, "\n".join(lines).replace("@APP_HASH@", digest) + "\n"
