@@ -6,10 +6,15 @@ import json
 import shutil
 import subprocess
 import sys
+import wave
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from bridge.devices.base import SAMPLE_RATE
+from bridge.speech.files import decode
 
 pytestmark = pytest.mark.asr
 
@@ -48,9 +53,8 @@ def test_json_prints_one_valid_request_body_per_conversation(tmp_path: Path) -> 
         assert [s["start"] for s in segs] == sorted(s["start"] for s in segs)
         for s in segs:
             assert s["text"].strip() and 0 <= s["start"] < s["end"]
-    if STEREO.exists():  # both channels mixed down: words of each speaker come out
-        stereo_text = " ".join(s["text"] for s in bodies[1]["transcript_segments"]).lower()
-        assert "curtain" in stereo_text and "distant" in stereo_text
+    if STEREO.exists():  # two speakers at once: Whisper's words vary (temperature fallback)
+        assert any(s["text"].strip() for s in bodies[1]["transcript_segments"])
 
     # The same recording imported again (another name, another start) is the same conversation.
     again = tmp_path / "copy.flac"
@@ -65,6 +69,23 @@ def test_json_prints_one_valid_request_body_per_conversation(tmp_path: Path) -> 
     assert datetime.fromisoformat(body2["started_at"]) - datetime.fromisoformat(body2["finished_at"]) \
         == offset
     assert datetime.fromisoformat(body2["started_at"]) > datetime.fromisoformat("2026-01-31T08:30:00+00:00")
+
+
+def test_a_stereo_file_is_mixed_down_so_neither_channel_is_lost(tmp_path: Path) -> None:
+    mono = decode(DEMO)[: SAMPLE_RATE * 3]
+    for channel in (0, 1):
+        stereo = np.zeros((len(mono), 2), dtype=np.int16)
+        stereo[:, channel] = mono
+        path = tmp_path / f"ch{channel}.wav"
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(SAMPLE_RATE)
+            w.writeframes(stereo.tobytes())
+        got = decode(path).astype(float)
+        assert len(got) == len(mono)
+        corr = np.corrcoef(got, mono.astype(float))[0, 1]
+        assert corr > 0.99, f"channel {channel} did not come through (correlation {corr:.2f})"
 
 
 def test_plain_text_is_a_readable_transcript_and_bad_files_are_named(tmp_path: Path) -> None:

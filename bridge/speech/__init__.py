@@ -1,1 +1,11 @@
-"""Speech: streaming VAD, conversations, the transcription worker and its on-disk spool."""
+"""Speech: streaming VAD, conversations, the transcription worker and its on-disk spool.
+
+The daemon needs three things: one ``AsrWorker`` (start/stop/health/backlog), one
+``SpeechPipeline`` per device (a ``PcmSink``: ``write``/``close``/``recover``), and a callback
+that takes each finished ``bridge.conversation.Conversation``.
+"""
+
+from bridge.speech.asr import AsrWorker, WorkerHealth, load_model
+from bridge.speech.pipeline import SpeechPipeline
+
+__all__ = ["AsrWorker", "SpeechPipeline", "WorkerHealth", "load_model"]

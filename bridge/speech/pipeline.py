@@ -12,9 +12,11 @@ conversations (their ``finished_at`` is the end of the last speech heard) and ha
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +32,9 @@ from bridge.speech.conversations import OpenConversation, Utterance, live_sessio
 from bridge.speech.vad import FRAME_SAMPLES, Endpointer, SileroVad
 
 _LOGGER = logging.getLogger(__name__)
+
+SPOOL_ERROR_LOG_SECONDS = 60.0
+"""A full disk fails every frame; one log line a minute is enough to be noticed."""
 
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
@@ -89,6 +94,7 @@ class SpeechPipeline:
         self._glue = int(GAP_SECONDS * SAMPLE_RATE)
         self.emitted = 0
         """Conversations handed on."""
+        self._last_spool_error = -SPOOL_ERROR_LOG_SECONDS
 
     # ------------------------------------------------------------------ public
 
@@ -101,9 +107,25 @@ class SpeechPipeline:
             data = np.concatenate([self._rest, np.asarray(pcm, dtype=np.int16).reshape(-1)])
             n = len(data) // FRAME_SAMPLES * FRAME_SAMPLES
             for i in range(0, n, FRAME_SAMPLES):
-                self._frame(data[i:i + FRAME_SAMPLES], ready)
+                try:
+                    self._frame(data[i:i + FRAME_SAMPLES], ready)
+                except OSError as exc:
+                    self._spool_failed(exc)
             self._rest = data[n:].copy()
         self._hand_on(ready)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """Disk full or gone: capture must go on (the link and VAD keep running); the utterance
+        being written is given up, and the error is logged at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_spool_error >= SPOOL_ERROR_LOG_SECONDS:
+            self._last_spool_error = now
+            _LOGGER.error("%s: cannot write speech to %s: %s; speech is being lost — free space "
+                          "or fix [storage] dir", self.label, self.dir, exc)
+        if self._utt is not None:
+            with contextlib.suppress(OSError):
+                self._utt.writer.discard()
+            self._utt = None
 
     def close(self) -> None:
         """The stream ends: finish the utterance and the conversation in progress. Their
