@@ -2,8 +2,9 @@
 
 A simulated live stream built from the corpus (../shared/corpus): lead-in, conversation A (three
 clips, 1.5–2 s apart), room noise longer than the conversation gap, conversation B (the monologue
-and two clips), a tail. It is written in 20 ms chunks, paced at ``--speed`` × real time, into the
-real ``SpeechPipeline`` with the real shared ``AsrWorker`` (the configured model, tiny.en int8).
+and two clips), then room noise again until B's gap has passed. It is written in 20 ms chunks,
+paced at ``--speed`` × real time, into the real ``SpeechPipeline`` with the real shared
+``AsrWorker`` (the configured model, tiny.en int8).
 
 Rows:
 - ASR CPU-s per s of speech: process CPU during Whisper calls / seconds of speech, next to
@@ -121,7 +122,7 @@ def build_stream(gap_seconds: float = 10.0, seed: int = 3) -> Stream:
         if i:
             room(1.5 + 0.25 * i)
         say(name)
-    room(3.0)
+    room(gap_seconds + 2.0)  # B too is closed by the gap, as live conversations are
     return Stream(np.concatenate(parts), clips)
 
 

@@ -105,6 +105,9 @@ def load_model(options: AsrOptions) -> Any:
     """Load the Whisper model once (≈ 0.2 s for tiny.en with a warm cache)."""
     from faster_whisper import WhisperModel
 
+    # faster-whisper logs an INFO line per call; in a daemon that is journal noise every few
+    # seconds. Our own log lines name the device and the conversation instead.
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
     where = resolve_model(options.model)
     try:
         return WhisperModel(where, device="cpu", compute_type=options.compute_type,
