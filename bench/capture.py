@@ -1,0 +1,173 @@
+"""Capture cost per stream, and how many real-time streams one machine sustains.
+
+**Per stream**: a lossy Omi notification stream (Opus 20 ms, MTU 247, 2 % loss; the bundled
+speech clip looped) goes through the daemon's per-device path: ``AudioStream`` (reassembly,
+decode, concealment) → ``AudioTimeline`` → ``SpeechPipeline`` (streaming Silero VAD, endpointer,
+spooling utterances to disk). Transcription is left out here (its worker is not started; windows
+just queue): that is the ASR row. CPU = process time of the pass / seconds of audio.
+
+**Concurrent streams**: N such streams, each 50 % speech (corpus clips alternating with silence
+of the same length), are pushed faster than real time, interleaved second by second like N
+radios, through N pipelines sharing the one ``AsrWorker`` (tiny.en int8, one thread), until
+every window is transcribed. With S stream-seconds done in W seconds of wall time, the machine
+keeps up with S / W real-time streams (if it can do S seconds of audio in W seconds, then N
+streams arriving at 1 s per second each need N ≤ S / W). The two serial stages bound it too:
+capture runs on one thread (the daemon's event loop), transcription on the one worker thread, so
+S / (capture-thread CPU) and S / (worker busy time) are each an upper limit; S / W already
+includes how they share the two cores and the GIL.
+
+    python -m bench capture [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Results, config, load_corpus, median, model, spread
+from bench.link import LOSS, packets
+from bench.link import one_pass as link_pass
+from bench.paths import MTU_NORMAL, omi_packets
+from bridge.audio.codecs import CODEC_OPUS_20MS
+from bridge.audio.stream import AudioStream
+from bridge.audio.timeline import AudioTimeline
+from bridge.config import AsrOptions
+from bridge.devices.base import SAMPLE_RATE, LinkStats
+from bridge.sim.audio import demo_speech_path, load_pcm16k
+from bridge.speech.asr import AsrWorker
+from bridge.speech.pipeline import SpeechPipeline
+
+CAPTURE_GOAL_PERCENT = 1.0
+STREAMS_GOAL = 20
+DRAIN_TIMEOUT = 600.0
+NOTIFS_PER_SLICE = 50
+"""Notifications pushed per stream per turn: one second of 20 ms frames."""
+
+
+def capture_pass(notifs: list[bytes], tmp: Path) -> float:
+    """CPU seconds for one stream through link + VAD + spool (no transcription)."""
+    worker = AsrWorker(AsrOptions())  # never started: windows wait, as behind a busy worker
+    pipeline = SpeechPipeline("BE:NC:00:00:00:10", config(tmp), worker, lambda c: None)
+    stream = AudioStream(CODEC_OPUS_20MS, AudioTimeline(pipeline), LinkStats(), mtu=MTU_NORMAL)
+    t0 = time.process_time()
+    for p in notifs:
+        stream.push(p)
+    stream.close()
+    pipeline.close()
+    return time.process_time() - t0
+
+
+def fifty_fifty(seconds: float, rotate: int) -> np.ndarray:
+    """``seconds`` of speech clips each followed by as much silence (50 % speech)."""
+    clips = [c.pcm for c in load_corpus()] or [load_pcm16k(demo_speech_path())]
+    parts: list[np.ndarray] = []
+    n = 0
+    total = 0
+    need = int(seconds * SAMPLE_RATE)
+    while total < need:
+        clip = clips[(n + rotate) % len(clips)]
+        parts += [clip, np.zeros(len(clip), np.int16)]
+        total += 2 * len(clip)
+        n += 1
+    pcm = np.concatenate(parts)
+    shift = (rotate * 7919 * 320) % len(pcm)  # streams do not talk in lockstep
+    return np.roll(pcm, shift)[:need]
+
+
+def concurrent(n_streams: int, seconds: float) -> dict[str, float]:
+    worker = AsrWorker(AsrOptions(), model=model())
+    worker.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
+            cfg = config(Path(tmp))
+            lists = [omi_packets(fifty_fifty(seconds, k), loss=LOSS, seed=k)[0] for k in range(n_streams)]
+            pipes = [SpeechPipeline(f"BE:NC:00:00:01:{k:02X}", cfg, worker, lambda c: None)
+                     for k in range(n_streams)]
+            streams = [AudioStream(CODEC_OPUS_20MS, AudioTimeline(p), LinkStats(), mtu=MTU_NORMAL)
+                       for p in pipes]
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            longest = max(len(x) for x in lists)
+            for i in range(0, longest, NOTIFS_PER_SLICE):
+                for stream, notifs in zip(streams, lists, strict=True):
+                    for p in notifs[i:i + NOTIFS_PER_SLICE]:
+                        stream.push(p)
+            for stream, pipe in zip(streams, pipes, strict=True):
+                stream.close()
+                pipe.close()
+            feed_cpu = time.thread_time() - cpu0
+            if not worker.wait_idle(DRAIN_TIMEOUT):
+                raise RuntimeError("transcription did not finish")
+            wall = time.monotonic() - wall0
+    finally:
+        worker.stop()
+    total = n_streams * seconds
+    return {"stream_seconds": total, "wall": wall, "feed_cpu": feed_cpu, "asr_busy": worker.busy_seconds,
+            "speech": worker.speech_seconds}
+
+
+def run(res: Results) -> None:
+    seconds = 10.0 if res.quick else 120.0
+    runs = 1 if res.quick else 3
+    notifs, _ = packets(CODEC_OPUS_20MS, seconds, MTU_NORMAL, LOSS)
+    with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
+        capture_pass(notifs[:500], Path(tmp))  # warm-up: ONNX session, first allocations
+        full = [capture_pass(notifs, Path(tmp)) / seconds * 100 for _ in range(runs)]
+    link = [link_pass(CODEC_OPUS_20MS, notifs, MTU_NORMAL) / seconds * 100 for _ in range(runs)]
+    pct = median(full)
+    res.add("capture_cpu", f"{pct:.2f} % of a core", ok=pct <= CAPTURE_GOAL_PERCENT,
+            ratio=pct / CAPTURE_GOAL_PERCENT,
+            note=f"of which link (reassembly + Opus + PLC) {median(link):.2f} %; {seconds:g} s stream, "
+                 f"MTU 247, 2 % loss; median of {runs} ({spread(full)} %)")
+    print(f"capture: {pct:.3f} % of a core (link alone {median(link):.3f} %)")
+
+    n_streams, length = (2, 8.0) if res.quick else (12, 60.0)
+    tries = [concurrent(n_streams, length) for _ in range(1 if res.quick else 2)]
+    e2e = [t["stream_seconds"] / t["wall"] for t in tries]
+    best = tries[e2e.index(median(e2e))] if len(tries) % 2 else tries[0]
+    n_e2e = median(e2e)
+    n_capture = best["stream_seconds"] / best["feed_cpu"]
+    n_asr = best["stream_seconds"] / best["asr_busy"] if best["asr_busy"] else math.inf
+    speech_share = best["speech"] / best["stream_seconds"]
+    res.add("streams", f"**{math.floor(n_e2e)}**", ok=n_e2e >= STREAMS_GOAL, ratio=STREAMS_GOAL / n_e2e,
+            note=f"{n_streams} streams × {length:g} s pushed as fast as possible took {best['wall']:.1f} s "
+                 f"wall ({spread(e2e)} stream-s per s); bounds: capture thread {n_capture:.0f}, "
+                 f"ASR worker {n_asr:.0f} streams")
+    res.section("Concurrent streams: how the figure is derived", [
+        f"{n_streams} simulated pendants, {length:g} s each ({speech_share:.0%} of it utterance audio after "
+        "the VAD; clips alternate with as much silence), Opus MTU 247 with 2 % loss, interleaved one "
+        "second per stream per turn, all through their own AudioStream + SpeechPipeline and one shared "
+        "AsrWorker (tiny.en int8, 1 thread).", "",
+        "| | per run |", "|---|---|",
+        f"| stream-seconds processed | {best['stream_seconds']:.0f} |",
+        f"| wall time until every window was transcribed | {best['wall']:.1f} s |",
+        f"| capture thread CPU (link + VAD + spool) | {best['feed_cpu']:.2f} s "
+        f"({best['feed_cpu'] / best['stream_seconds'] * 100:.2f} % of a core per stream) |",
+        f"| ASR worker busy | {best['asr_busy']:.2f} s ({best['speech']:.0f} s of utterances) |",
+        f"| **real-time streams sustained = stream-seconds / wall** | **{n_e2e:.0f}** |",
+        f"| bound from the capture thread alone | {n_capture:.0f} |",
+        f"| bound from the ASR worker alone | {n_asr:.0f} |", "",
+        "If the pipeline clears S stream-seconds in W s, N live streams produce N stream-seconds per "
+        "second, so the backlog stays flat while N ≤ S / W. A Pi 4 core is roughly 10× slower "
+        "(performance-notes.md §6), so ≥ 20 here is what leaves one Pi room for a pendant or two.",
+    ])
+    res.plots["streams"] = {"sustained": n_e2e, "capture bound": n_capture, "ASR bound": n_asr}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench capture", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    res = Results(quick=args.quick)
+    run(res)
+    for row in res.rows.values():
+        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""What every benchmark shares: the corpus, WER, the result table and machine-noise notes.
+
+A benchmark adds ``Row``s (one figure next to its goal) and free-form detail sections to a
+``Results``; ``bench.report`` turns them into ``bench/results.md`` and ``bench/results.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.config import AsrOptions, Config, ConversationOptions
+from bridge.devices.base import SAMPLE_RATE
+
+CORPUS_ENV = "OMI_BRIDGE_CORPUS"
+"""Overrides where the shared speech corpus is (default: ../shared/corpus beside the repo)."""
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+CORPUS_CLIPS = ("jfk.flac", "monologue.wav", "ljspeech/LJ001-0002.wav", "ljspeech/LJ001-0004.wav",
+                "ljspeech/LJ001-0006.wav", "ljspeech/LJ001-0008.wav", "ljspeech/LJ001-0013.wav")
+"""Single-speaker clips with one reference each. stereo_diarization.wav is left out: mixed down
+it is two people talking at once, and its references are per channel."""
+QUICK_CLIPS = ("jfk.flac",)
+
+LEAD_SECONDS = 1.5
+"""Silence before each clip in a corpus stream: one conversation, clips as separate utterances
+(the same layout as tests/test_speech_pipeline.py)."""
+
+
+def corpus_dir() -> Path | None:
+    path = Path(os.environ.get(CORPUS_ENV) or DEFAULT_CORPUS)
+    return path if (path / "manifest.json").exists() else None
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    pcm: np.ndarray
+    reference: str
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / SAMPLE_RATE
+
+
+def load_corpus(quick: bool = False) -> list[Clip]:
+    """The corpus clips as 16 kHz int16; [] when the corpus is not there."""
+    root = corpus_dir()
+    if root is None:
+        return []
+    from bridge.speech.files import decode
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    refs = {c["file"]: c.get("reference") for c in manifest["clips"]}
+    return [Clip(n, decode(root / n), refs[n]) for n in (QUICK_CLIPS if quick else CORPUS_CLIPS)
+            if refs.get(n) and (root / n).exists()]
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
+
+
+def corpus_stream(clips: Sequence[Clip], tail: float = 1.0) -> np.ndarray:
+    """All clips in one timeline, each after LEAD_SECONDS of silence."""
+    parts = []
+    for c in clips:
+        parts += [silence(LEAD_SECONDS), c.pcm]
+    parts.append(silence(tail))
+    return np.concatenate(parts)
+
+
+def normalise(text: str) -> str:
+    import jiwer
+
+    tr = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
+                        jiwer.Strip()])
+    return tr(text.replace("-", " "))
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    hyp = normalise(hypothesis)
+    ref = normalise(reference)
+    if not hyp:
+        return 1.0
+    return float(jiwer.wer(ref, hyp))
+
+
+def config(storage: Path, *, gap_seconds: float = 120.0) -> Config:
+    c = Config()
+    return replace(c, conversation=replace(ConversationOptions(), gap_seconds=gap_seconds),
+                   storage=replace(c.storage, dir=str(storage)))
+
+
+_MODEL: Any = None
+
+
+def model() -> Any:
+    """The bundled tiny.en (int8, 1 thread, the daemon's defaults), loaded once per process."""
+    global _MODEL
+    if _MODEL is None:
+        from bridge.speech.asr import load_model
+
+        _MODEL = load_model(AsrOptions())
+    return _MODEL
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """"min–max over n" for a note on run-to-run noise."""
+    if len(values) < 2:
+        return "1 run"
+    return f"{min(values):.3g}–{max(values):.3g} over {len(values)} runs"
+
+
+def p95(values: Sequence[float]) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
+
+
+@dataclass
+class Row:
+    """One figure of the result table."""
+
+    key: str
+    figure: str
+    measured: str
+    goal: str
+    ok: bool | None = None
+    """True/False against the goal; None for "report only" or not measured."""
+    ratio: float | None = None
+    """measured / goal limit (for the plot: ≤ 1 meets an upper-bound goal)."""
+    note: str = ""
+
+
+ROW_ORDER = ("capture_cpu", "asr_cpu", "delivery", "segment_lag", "idle_cpu", "streams", "rss",
+             "wer_omi", "wer_frame")
+"""Every row the table has, in the issue's order (the smoke test checks them all)."""
+
+ROW_TITLES = {
+    "capture_cpu": "decode + reassembly + VAD CPU per stream",
+    "asr_cpu": "ASR CPU-seconds per second of speech",
+    "delivery": "end of conversation → request sent (budget free)",
+    "segment_lag": "end of speech → segment ready, median / p95",
+    "idle_cpu": "CPU while connected and silent",
+    "streams": "concurrent real-time streams sustained with no backlog growth (50 % speech)",
+    "rss": "peak RSS, one device / each extra device",
+    "wer_omi": "corpus WER through the full Omi path (Opus 32 kbit/s, 2 % frame loss)",
+    "wer_frame": "the same through the Frame path",
+}
+
+ROW_GOALS = {
+    "capture_cpu": "≤ 1 % of one core",
+    "asr_cpu": "≤ 1.1 × whole-file faster-whisper (vad_filter)",
+    "delivery": "≤ 1 s",
+    "segment_lag": "report",
+    "idle_cpu": "≤ 1 %",
+    "streams": "≥ 20",
+    "rss": "≤ 450 MB / ≤ 20 MB",
+    "wer_omi": "≤ 1.2 × whole-file faster-whisper on the original audio",
+    "wer_frame": "report",
+}
+
+
+@dataclass
+class Results:
+    quick: bool = False
+    rows: dict[str, Row] = field(default_factory=dict)
+    sections: list[tuple[str, list[str]]] = field(default_factory=list)
+    """(title, markdown lines) shown below the table."""
+    plots: dict[str, Any] = field(default_factory=dict)
+    """Data for results.png, by benchmark."""
+    loads: list[tuple[str, tuple[float, float, float]]] = field(default_factory=list)
+    """(benchmark, 1/5/15-min load average when it started)."""
+    durations: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def add(self, key: str, measured: str, *, ok: bool | None = None, ratio: float | None = None,
+            note: str = "") -> None:
+        self.rows[key] = Row(key, ROW_TITLES[key], measured, ROW_GOALS[key], ok, ratio, note)
+
+    def skip(self, key: str, why: str) -> None:
+        self.add(key, f"not measured: {why}")
+
+    def section(self, title: str, lines: list[str]) -> None:
+        self.sections.append((title, lines))
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, all threads (CTranslate2 and onnxruntime compute in their own)."""
+    return time.process_time()

@@ -1,0 +1,272 @@
+"""Speech figures on the real corpus: WER and ASR CPU, the bridge against its peers.
+
+Conditions, all on the same corpus stream (every clip after 1.5 s of silence):
+
+- **whole-file faster-whisper** (peer and reference): each original clip transcribed in one
+  call with its own ``vad_filter``, tiny.en int8, beam 1, one thread: the daemon's settings.
+- **bridge, original audio**: the PCM straight into ``SpeechPipeline`` (VAD → windows → the
+  shared ``AsrWorker``), what ``omi-bridge transcribe`` does.
+- **bridge, Omi path**: Opus 32 kbit/s as the firmware encodes it, 2 % of notifications lost,
+  at MTU 247 (one notification per frame) and at a small MTU (frames in fragments), through
+  the bridge's reassembly + decode + concealment, then the pipeline.
+- **community SDK decoding** (peer): the same lossy notifications decoded the naive way
+  (bench/paths.py), then the same pipeline, so only the decoding differs.
+- **bridge, Frame path**: 8-bit 16 kHz PCM packets, 2 % lost, through ``FramePcmDecoder``.
+
+Lossy conditions use several loss patterns (seeds); the table shows medians. The timeline error
+is the decoded length minus the length the device produced.
+
+    python -m bench quality [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    Clip,
+    Results,
+    config,
+    corpus_stream,
+    cpu_seconds,
+    load_corpus,
+    median,
+    model,
+    p95,
+    spread,
+    wer,
+)
+from bench.paths import (
+    LOSS,
+    MTU_NORMAL,
+    MTU_SMALL,
+    frame_decode,
+    frame_packets,
+    naive_decode,
+    omi_decode,
+    omi_packets,
+)
+from bridge.config import AsrOptions
+from bridge.conversation import Conversation
+from bridge.devices.base import SAMPLE_RATE
+from bridge.speech.asr import AsrWorker, Window
+from bridge.speech.pipeline import SpeechPipeline
+
+CHUNK = 320
+"""20 ms writes, as a device driver delivers them."""
+DRAIN_TIMEOUT = 600.0
+"""Bound on waiting for the worker (minutes of speech on a loaded machine)."""
+WER_FACTOR_GOAL = 1.2
+ASR_FACTOR_GOAL = 1.1
+
+
+def whole_file(clips: list[Clip]) -> tuple[str, float]:
+    """(text, CPU seconds) of whole-file faster-whisper with vad_filter over every clip."""
+    m = model()
+    texts = []
+    cpu0 = cpu_seconds()
+    for c in clips:
+        segments, _ = m.transcribe(c.pcm.astype(np.float32) / 32768.0, language="en", beam_size=1,
+                                   vad_filter=True)
+        texts += [s.text for s in segments]
+    return " ".join(texts), cpu_seconds() - cpu0
+
+
+def new_worker() -> AsrWorker:
+    w = AsrWorker(AsrOptions(), model=model())
+    w.start()
+    return w
+
+
+def pipeline_text(pcm: np.ndarray, worker: AsrWorker, *, label: str = "bench") -> tuple[str, float]:
+    """(text of every conversation, CPU seconds) of one stream through ``SpeechPipeline``."""
+    got: list[Conversation] = []
+    with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
+        pipeline = SpeechPipeline("BE:NC:00:00:00:01", config(Path(tmp)), worker, got.append, label=label)
+        cpu0 = cpu_seconds()
+        for i in range(0, len(pcm), CHUNK):
+            pipeline.write(pcm[i:i + CHUNK])
+        pipeline.close()
+        if not worker.wait_idle(DRAIN_TIMEOUT):
+            raise RuntimeError("transcription did not finish")
+        cpu = cpu_seconds() - cpu0
+    return " ".join(s.text for c in got for s in c.segments), cpu
+
+
+class LagWorker(AsrWorker):
+    """The real worker; records, for every utterance of a window, how long after the end of its
+    speech (wall clock of the paced feed) its text was ready."""
+
+    def __init__(self, pad: float, speed: float) -> None:
+        super().__init__(AsrOptions(), model=model())
+        self.t0 = 0.0
+        self.pad = pad
+        self.speed = speed
+        self.lags: list[float] = []
+
+    def submit(self, window: Window) -> None:
+        done = window.on_done
+        conv = getattr(done, "args", [None])[0]  # functools.partial(pipeline._on_window, conv)
+
+        def on_done(w: Window, results: list, language: str | None) -> None:
+            now = time.monotonic()
+            for piece in w.pieces:
+                utt = conv.utterances.get(piece.key) if conv is not None else None
+                if utt is not None and conv.start_sample is not None:
+                    # The utterance ends `pad` after the speech does (VAD padding).
+                    end = (conv.start_sample + utt.offset + utt.samples) / SAMPLE_RATE - self.pad
+                    self.lags.append(now - (self.t0 + end / self.speed))
+            done(w, results, language)
+
+        window.on_done = on_done
+        super().submit(window)
+
+
+def live_lags(pcm: np.ndarray, speed: float = 1.0) -> list[float]:
+    """Feed ``pcm`` at ``speed`` × real time in 20 ms writes, like a device; for every utterance,
+    seconds from the end of its speech to its text being ready."""
+    with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
+        cfg = config(Path(tmp))
+        worker = LagWorker(cfg.vad.pad_seconds, speed)
+        worker.start()
+        try:
+            pipeline = SpeechPipeline("BE:NC:00:00:00:02", cfg, worker, lambda c: None)
+            worker.t0 = time.monotonic()
+            for n, i in enumerate(range(0, len(pcm), CHUNK)):
+                due = worker.t0 + (n + 1) * CHUNK / SAMPLE_RATE / speed
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # pacing like the radio, not synchronisation
+                pipeline.write(pcm[i:i + CHUNK])
+            pipeline.close()
+            worker.wait_idle(DRAIN_TIMEOUT)
+        finally:
+            worker.stop()
+    return worker.lags
+
+
+def run(res: Results) -> None:
+    clips = load_corpus(res.quick)
+    if not clips:
+        why = "speech corpus not found (../shared/corpus or $OMI_BRIDGE_CORPUS)"
+        for key in ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"):
+            res.skip(key, why)
+        print(f"speech: SKIPPED — {why}")
+        return
+    runs = 1 if res.quick else 3
+    seeds = [1] if res.quick else [1, 2, 3]
+    ref = " ".join(c.reference for c in clips)
+    speech_s = sum(c.seconds for c in clips)
+    stream = corpus_stream(clips)
+    worker = new_worker()
+    try:
+        model()
+        pipeline_text(stream[: SAMPLE_RATE * 3], worker)  # warm-up: first calls are slower
+
+        # --- ASR CPU per second of speech, whole-file vs pipeline (original audio)
+        base_cpu, our_cpu = [], []
+        base_text = our_text = ""
+        for _ in range(runs):
+            base_text, cpu = whole_file(clips)
+            base_cpu.append(cpu)
+            our_text, cpu = pipeline_text(stream, worker)
+            our_cpu.append(cpu)
+        base_wer, clean_wer = wer(ref, base_text), wer(ref, our_text)
+        b, o = median(base_cpu) / speech_s, median(our_cpu) / speech_s
+        res.add("asr_cpu", f"{o:.4f} vs {b:.4f} → **{o / b:.2f} ×**", ok=o / b <= ASR_FACTOR_GOAL,
+                ratio=o / b / ASR_FACTOR_GOAL,
+                note=f"{speech_s:.0f} s of speech; process CPU incl. VAD; median of {runs} (CPU s: "
+                     f"pipeline {spread(our_cpu)}, whole-file {spread(base_cpu)})")
+        print(f"asr cpu/speech-s: pipeline {o:.4f}  whole-file {b:.4f}")
+
+        # --- the paths, with loss
+        conditions: dict[str, dict[str, list[float]]] = {}
+
+        def record(name: str, w: float, err: float) -> None:
+            d = conditions.setdefault(name, {"wer": [], "err": []})
+            d["wer"].append(w)
+            d["err"].append(err)
+
+        record("whole-file faster-whisper, original audio", base_wer, 0.0)
+        record("bridge, original audio", clean_wer, 0.0)
+        for mtu in (MTU_NORMAL, MTU_SMALL):
+            for seed in seeds:
+                notifs, _frames, true_len = omi_packets(stream, mtu=mtu, loss=LOSS, seed=seed)
+                ours = omi_decode(notifs, mtu=mtu)
+                text, _ = pipeline_text(ours, worker)
+                record(f"bridge, Omi path, MTU {mtu}", wer(ref, text), (len(ours) - true_len) / SAMPLE_RATE)
+                naive, _errors = naive_decode(notifs)
+                text, _ = pipeline_text(naive, worker)
+                record(f"community SDK decoding, MTU {mtu}", wer(ref, text),
+                       (len(naive) - true_len) / SAMPLE_RATE)
+                print(f"omi path mtu {mtu} seed {seed}: done")
+        for seed in seeds:
+            packets = frame_packets(stream, loss=LOSS, seed=seed)
+            fpcm = frame_decode(packets)
+            text, _ = pipeline_text(fpcm, worker)
+            true_len = len(stream) // 240 * 240
+            record("bridge, Frame path (8-bit PCM)", wer(ref, text), (len(fpcm) - true_len) / SAMPLE_RATE)
+    finally:
+        worker.stop()
+
+    omi = median(conditions[f"bridge, Omi path, MTU {MTU_NORMAL}"]["wer"])
+    limit = base_wer * WER_FACTOR_GOAL
+    shown = f"{omi:.1%} vs {base_wer:.1%}" + (f" → **{omi / base_wer:.2f} ×**" if base_wer else "")
+    res.add("wer_omi", shown, ok=omi <= limit, ratio=omi / limit if limit else None,
+            note=f"MTU {MTU_NORMAL}, median of {len(seeds)} loss patterns; small MTU "
+                 f"{median(conditions[f'bridge, Omi path, MTU {MTU_SMALL}']['wer']):.1%}")
+    fr = median(conditions["bridge, Frame path (8-bit PCM)"]["wer"])
+    res.add("wer_frame", f"{fr:.1%} (whole-file {base_wer:.1%})", note="16 kHz 8-bit, 2 % packet loss")
+
+    lines = [f"{len(clips)} clips, {speech_s:.1f} s of speech, {len(normalise_words(ref))} reference words "
+             f"(one word ≈ {100 / max(1, len(normalise_words(ref))):.1f} % WER). Lossy rows: median over "
+             f"{len(seeds)} loss patterns (min–max in brackets). Timeline error = decoded length − "
+             "length the device produced.", "",
+             "| condition | WER | timeline error |", "|---|---|---|"]
+    for name, d in conditions.items():
+        w, e = d["wer"], d["err"]
+        rng = f" ({min(w):.1%}–{max(w):.1%})" if len(w) > 1 else ""
+        lines.append(f"| {name} | {median(w):.1%}{rng} | {median(e):+.2f} s |")
+    res.section("Peers: what reassembly and concealment buy", lines)
+    res.plots["wer"] = {name: median(d["wer"]) for name, d in conditions.items()}
+    res.plots["timeline"] = {name: median(d["err"]) for name, d in conditions.items()}
+
+    # --- end of speech → segment ready, live pacing
+    speed = 8.0 if res.quick else 1.0
+    live = [c for c in clips if c.name in ("monologue.wav", "jfk.flac")] or clips[:1]
+    lags = live_lags(corpus_stream(live, tail=4.0), speed=speed)
+    if lags:
+        res.add("segment_lag", f"{median(lags):.1f} s / {p95(lags):.1f} s",
+                note=f"{len(lags)} utterances fed at {speed:g}× real time (1 run); ends wait for a "
+                     "3 s pause or a full 28 s window before transcription ([asr] flush_pause_seconds)")
+        res.plots["lags"] = lags
+    else:
+        res.skip("segment_lag", "no utterance transcribed")
+
+
+def normalise_words(text: str) -> list[str]:
+    from bench.common import normalise
+
+    return normalise(text).split()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one clip, one run (for the smoke test)")
+    args = ap.parse_args(argv)
+    res = Results(quick=args.quick)
+    run(res)
+    for row in res.rows.values():
+        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
+    for title, lines in res.sections:
+        print(f"\n{title}\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
