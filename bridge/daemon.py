@@ -158,6 +158,8 @@ class Daemon:
         self.phase = "starting"
         self.adapter_problem: str | None = None
         self.devices: list[DeviceState] = []
+        self._orphans: list[Any] = []
+        """Pipelines finishing conversations of devices that were removed from the config."""
         self.worker: Any = None
         self.outbox: Any = None
         self.sender: Any = None
@@ -223,6 +225,7 @@ class Daemon:
                 found = await asyncio.to_thread(state.pipeline.recover)
                 if found:
                     _LOGGER.info("%s: %d interrupted conversation(s) recovered", state.device.label, found)
+            await asyncio.to_thread(self._recover_orphans, SpeechPipeline)
             tasks.append(asyncio.create_task(self._supervise("outbox sender", self.sender.run, stop)))
             tasks.append(asyncio.create_task(self._housekeeping(stop)))
             await self._async_wait_for_adapter(stop)
@@ -246,6 +249,26 @@ class Daemon:
             for lock in acquired:
                 lock.release()
             _LOGGER.info("stopped; open conversations and spooled speech are kept for the next start")
+
+    def _recover_orphans(self, pipeline_cls: Any) -> None:
+        """Finish conversations spooled for devices no longer in the config (unpaired since),
+        so removing a device from the file never silently drops what it had recorded."""
+        from bridge.speech import spool
+
+        spool_root = self.storage / spool.SPOOL_DIR
+        known = {spool.device_dir(self.storage, d.device.address) for d in self.devices}
+        if not spool_root.is_dir():
+            return
+        for folder in sorted(p for p in spool_root.iterdir() if p.is_dir() and p not in known):
+            if not any(c.is_dir() for c in folder.iterdir()):
+                continue
+            pipeline = pipeline_cls(folder.name, self.config, self.worker, self._enqueue,
+                                    label=folder.name, storage=self.storage)
+            found = pipeline.recover()
+            if found:
+                _LOGGER.info("%s: %d conversation(s) of a device no longer configured recovered",
+                             folder.name, found)
+                self._orphans.append(pipeline)
 
     async def _async_shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         if tasks:
@@ -342,7 +365,8 @@ class Daemon:
         return self.worker is None or self.worker.healthy()
 
     def backlog_seconds(self) -> float:
-        return sum(d.pipeline.backlog_seconds() for d in self.devices)
+        pipelines = [d.pipeline for d in self.devices] + self._orphans
+        return sum(p.backlog_seconds() for p in pipelines)
 
     def outbox_status(self) -> dict[str, Any]:
         now = time.monotonic()
