@@ -256,7 +256,7 @@ def format_status(info: dict[str, Any]) -> str:
     if info.get("phase"):
         lines.append(f"  {info['phase']}")
     adapter = info.get("adapter") or {}
-    if adapter and not adapter.get("present", True):
+    if adapter and not adapter.get("present", True) and adapter.get("error", "") not in info.get("phase", ""):
         lines.append(f"  Bluetooth adapter {adapter.get('name')} is missing: {adapter.get('error', '')}")
     devices = info.get("devices") or []
     lines.append(f"devices ({sum(1 for d in devices if d.get('connected'))}/{len(devices)} connected):")
