@@ -13,6 +13,7 @@ import pytest
 
 from bridge.devices.frame import APP_MODULE, CMD_HEARTBEAT, MSG_AUDIO, MSG_ERROR, MSG_MIC, app_source
 from bridge.sim.frame import FRAME_RX, FRAME_TX, FrameModel
+from bridge.sim.model import call_hook
 
 pytest.importorskip("lupa")
 
@@ -44,7 +45,7 @@ async def glasses():
     link = Link()
     model.attach(link)  # type: ignore[arg-type]
     await model.start()
-    model.on_connect(link)  # type: ignore[arg-type]
+    await call_hook(model.on_connect(link))  # type: ignore[arg-type]
     yield model, link
     await model.stop()
 

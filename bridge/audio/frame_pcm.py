@@ -62,6 +62,7 @@ class FramePcmDecoder:
 
             # Streaming: the filter state carries across packets, so packet edges leave no clicks.
             self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="int16", quality="HQ")
+        self._closed = False
         self.packets = 0
         self.lost_packets = 0
         self.duplicates = 0
@@ -96,6 +97,8 @@ class FramePcmDecoder:
         Lost packets before it come out as silence of their exact length, a late or repeated
         packet is counted and dropped, a packet of the wrong size is counted as malformed.
         """
+        if self._closed:
+            raise RuntimeError("FramePcmDecoder.feed after flush: make a new decoder per stream")
         if len(payload) == 0 or len(payload) % self.bytes_per_sample:
             self.malformed += 1
             return np.zeros(0, np.int16)
@@ -126,6 +129,7 @@ class FramePcmDecoder:
 
     def flush(self) -> np.ndarray:
         """The resampler's tail; call once when the stream ends (link lost or closed)."""
+        self._closed = True
         if self._resampler is None:
             return np.zeros(0, np.int16)
         out = self._emit(np.zeros(0, np.int16), last=True)

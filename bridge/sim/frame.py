@@ -65,6 +65,10 @@ MIC_FIFO_SAMPLES = 32_768
 HOOK_INSTRUCTIONS = 1000
 """Count hook period: how often a running script notices a break or receives raw data."""
 
+SECURITY_FAILURE_SECONDS = 1.0
+"""How long a Frame bonded elsewhere keeps an unencrypted link before dropping it [derived: the
+security request fails after a few connection events; not measured]."""
+
 DEFAULT_FIRMWARE = "v25.278.1113"
 """Latest tagged firmware (frame.md sources, F1)."""
 
@@ -366,8 +370,14 @@ class FrameModel(DeviceModel):
         if thread is not None:
             await asyncio.to_thread(thread.join, 5.0)
 
-    def on_connect(self, ctx: DeviceContext) -> None:
+    async def on_connect(self, ctx: DeviceContext) -> None:
         self._host_present = True
+        if self.bonded_elsewhere and not getattr(ctx, "bonded", False):
+            # Frame asks for security on every connection; bonded to another host it rejects
+            # ours and drops the link (frame.md §11).
+            await asyncio.sleep(SECURITY_FAILURE_SECONDS)
+            if ctx.connected and not getattr(ctx, "bonded", False):
+                ctx.drop_link()
 
     def on_disconnect(self) -> None:
         self._host_present = False
