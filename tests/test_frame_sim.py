@@ -160,3 +160,14 @@ async def test_our_app_streams_numbered_packets_and_follows_the_heartbeat(glasse
     end = await next_matching(link, lambda d: d[:2] == bytes([1, MSG_ERROR]))
     assert b"break signal" in end
     assert not model.mic_running
+
+
+async def test_our_app_sizes_its_packets_to_an_older_firmwares_smaller_mtu(glasses):
+    model, link = glasses
+    model.mtu = 185  # firmware from Aug 2024 negotiated 185 (frame.md §5)
+    _digest, source = app_source()
+    model.files[f"{APP_MODULE}.lua"] = source.encode()
+    model.on_write(FRAME_RX, f'require("{APP_MODULE}").run(8000, 16, 5)'.encode(), True)
+    assert await next_matching(link, lambda d: d.startswith(b"omib:ready")) == b"omib:ready 178"
+    packet = await next_matching(link, lambda d: d[:2] == bytes([1, MSG_AUDIO]))
+    assert len(packet) - 1 == 181  # exactly max_length(): the largest send Frame accepts
