@@ -12,6 +12,7 @@ battery notifications or time sync still streams.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.exc import BleakDBusError
 
 from bridge.audio.codecs import CODEC_NAMES
 from bridge.audio.stream import AudioStream
@@ -39,12 +41,30 @@ from bridge.errors import UnknownCodecError
 _LOGGER = logging.getLogger(__name__)
 
 
-async def acquire_mtu(client: BleakClient) -> int | None:
+ATT_WRITE_OVERHEAD = 3
+"""A write without response carries MTU − 3 bytes (opcode + handle; Bluetooth Core Vol 3 Part F)."""
+
+DEFAULT_ATT_MTU = 23
+"""The minimum ATT MTU; bleak reports it when it does not know better (Core Vol 3 Part F §3.2.8)."""
+
+SUBSCRIBE_ATTEMPTS = 3
+SUBSCRIBE_RETRY_SECONDS = 0.2
+"""BlueZ may still hold the notify session ``_acquire_mtu()`` opened (AcquireNotify; released
+when its fd closes) when we subscribe; a short retry covers that window."""
+
+
+async def acquire_mtu(client: BleakClient, char: BleakGATTCharacteristic | None = None) -> int | None:
     """The negotiated ATT MTU, or None if the backend cannot tell.
 
-    BlueZ negotiates the MTU itself, but bleak reports 23 until its private ``_acquire_mtu()``
-    asks BlueZ (omi-device.md §5.2, frame.md); best effort, since it is private API.
+    BlueZ ≥ 5.62 exports it as the characteristic's ``MTU`` property, which bleak shows as
+    ``max_write_without_response_size + 3``; that costs nothing. Otherwise bleak reports 23 until
+    its private ``_acquire_mtu()`` asks BlueZ through AcquireWrite/AcquireNotify (omi-device.md
+    §5.2, frame.md); best effort, since it is private API.
     """
+    if char is not None:
+        mtu = char.max_write_without_response_size + ATT_WRITE_OVERHEAD
+        if mtu > DEFAULT_ATT_MTU:
+            return mtu
     backend: Any = getattr(client, "_backend", None)
     acquire = getattr(backend, "_acquire_mtu", None)
     if acquire is None:
@@ -76,7 +96,7 @@ class OmiSession:
 
     async def async_start(self, client: BleakClient) -> None:
         stats = self.ctx.stats
-        self.mtu = await acquire_mtu(client)
+        self.mtu = await acquire_mtu(client, client.services.get_characteristic(OMI_AUDIO_DATA))
         if self.mtu is not None and self.mtu < OMI_MIN_MTU:
             _LOGGER.warning("%s ATT MTU is %d; Omi sends no audio below %d", self.label, self.mtu,
                             OMI_MIN_MTU)
@@ -91,7 +111,16 @@ class OmiSession:
         _LOGGER.info("%s codec %d (%s), MTU %s", self.label, codec, CODEC_NAMES[codec], self.mtu)
 
         await self._extras(client)
-        await client.start_notify(OMI_AUDIO_DATA, self._on_audio)
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            try:
+                await client.start_notify(OMI_AUDIO_DATA, self._on_audio)
+                break
+            except BleakDBusError as exc:
+                if attempt == SUBSCRIBE_ATTEMPTS or exc.dbus_error not in (
+                        "org.bluez.Error.NotPermitted", "org.bluez.Error.InProgress"):
+                    raise
+                _LOGGER.debug("%s audio subscribe: %s; retrying", self.label, exc)
+                await asyncio.sleep(SUBSCRIBE_RETRY_SECONDS)
 
     async def _extras(self, client: BleakClient) -> None:
         stats = self.ctx.stats
