@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -153,6 +154,11 @@ class SpeechPipeline:
                 if path in self._convs:
                     continue
                 conv = OpenConversation.load(path)
+                if conv is None and not any(path.glob("*.pcm")):
+                    # Killed between creating the folder and saving its first state: nothing
+                    # was recorded in it yet.
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
                 if conv is None:
                     _LOGGER.warning("%s: unreadable conversation state in %s; left in place",
                                     self.label, path)
