@@ -103,6 +103,7 @@ async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_blu
     # An unbonded Frame got bonded on the way (frame.md §11), and the app was uploaded once.
     assert fake_bluez.device(ADDRESS).paired
     assert model.file_writes == {f"{APP_MODULE}.lua": 1}
+    assert model.writes_overwritten == 0  # every chunk waited for Frame's reply
     assert stats.firmware == model.firmware
     assert stats.battery == 87
     # The timeline is exactly the packets the glasses sent (240 bytes = 240 samples at 16 kHz in
@@ -215,7 +216,7 @@ async def test_listen_records_frame_glasses_to_a_wav(fake_bluez, fixture_wav, tm
 async def test_a_stale_app_on_the_glasses_is_replaced(fake_bluez, fixture_wav):
     model = FrameModel(address=ADDRESS, source=fixture_wav)
     model.files[f"{APP_MODULE}.lua"] = b'return { APP_HASH = "an-older-version" }'
-    link, sink, stop, task = await start_link(fake_bluez, model)
+    _link, sink, stop, task = await start_link(fake_bluez, model)
     await wait_for(lambda: sink.samples > 16_000, "audio")
     await finish(stop, task)
     assert model.file_writes == {f"{APP_MODULE}.lua": 1}

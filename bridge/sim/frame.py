@@ -27,6 +27,7 @@ fake's ``drop_link()``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -336,9 +337,12 @@ class FrameModel(DeviceModel):
         self.busy_refusals = 0
         self.prints_dropped = 0
         self.writes_overwritten = 0
+        """Host writes that replaced one not yet consumed (the firmware has no queue): an
+        unpaced host loses Lua chunks this way."""
         self.file_writes: dict[str, int] = {}
         """Times each file was (re)written and closed: shows whether an upload happened."""
-        self.printed: list[str] = []
+        self.printed: collections.deque[str] = collections.deque(maxlen=200)
+        """Recent print output (delivered or dropped), for tests and debugging."""
 
     # --- DeviceModel lifecycle -----------------------------------------------------------------
     def attach(self, ctx: DeviceContext) -> None:
@@ -394,9 +398,9 @@ class FrameModel(DeviceModel):
                 if ev.data is not None:
                     self.writes_overwritten += 1
                 ev.data = bytes(data[1:])
-            elif first == BREAK and len(data) == 1:
+            elif first == BREAK:
                 ev.brk = True
-            elif first == RESET and len(data) == 1:
+            elif first == RESET:
                 ev.reset = True
             else:
                 if ev.repl is not None:
