@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
-from bridge.devices.frame import APP_MODULE, MSG_AUDIO, async_bond
+from bridge.devices.frame import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond
 from bridge.devices.listen import async_listen
 from bridge.devices.supervisor import DeviceLink
 from bridge.errors import BridgeError
@@ -251,3 +251,18 @@ async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez,
     after = sink.samples
     await wait_for(lambda: sink.samples > after + 8_000, "audio again")
     await finish(stop, task)
+
+
+async def test_a_mic_pause_while_connected_becomes_silence_not_lost_time(fake_bluez, fixture_wav):
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    link, sink, stop, task = await start_link(fake_bluez, model)
+    await wait_for(lambda: sink.samples >= 16_000, "first audio")
+    # The app pauses as when our heartbeats stall (CMD_STOP), and resumes on the next heartbeat.
+    model.on_write("7a230002-5475-a6a4-654c-8431f6ad49c4", CMD_STOP, True)
+    await wait_for(lambda: not model.mic_running, "the pause")
+    await wait_for(lambda: model.mic_running, "the resume")
+    resumed_at = sink.samples
+    await wait_for(lambda: sink.samples > resumed_at + 16_000, "audio after the resume")
+    await finish(stop, task)
+    assert link.timeline.silence_samples > 0
+    assert link.stats.reconnects == 0 and link.stats.lost_frames == 0

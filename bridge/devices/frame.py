@@ -262,6 +262,8 @@ class FrameSession:
         elif kind == MSG_MIC and len(data) == 3:
             self.mic_on = bool(data[2])
             _LOGGER.info("%s: microphone %s", self._label, "resumed" if self.mic_on else "paused")
+            if not self.mic_on and self._decoder is not None:
+                self._mic_paused()
         else:
             self._stats.malformed += 1
 
@@ -390,6 +392,18 @@ class FrameSession:
             return  # _run_app reports the bad reply
         self._decoder = FramePcmDecoder(opts.sample_rate, opts.bit_depth, device=self._label)
         self.mic_on = True
+
+    def _mic_paused(self) -> None:
+        """The app paused the mic (it missed our heartbeats) while the link stayed up: the
+        pause becomes wall-clock silence like an outage, and the resumed recording is a new
+        stream (its own start pop; sequence numbers carry on but say nothing about the pause)."""
+        assert self._decoder is not None
+        tail = self._decoder.flush()
+        if len(tail):
+            self.ctx.timeline.audio(tail)
+        self.ctx.timeline.link_down()
+        opts = self._options
+        self._decoder = FramePcmDecoder(opts.sample_rate, opts.bit_depth, device=self._label)
 
     async def _heartbeat(self) -> None:
         while True:
