@@ -232,7 +232,7 @@ class LinkSupervisor:
         failures = 0
         while not stop.is_set():
             try:
-                lost = await self._async_connection(stop)
+                reason = await self._async_connection(stop)
             except asyncio.CancelledError:
                 raise
             except BridgeError as exc:
@@ -249,11 +249,17 @@ class LinkSupervisor:
                 self._failed(exc, kind, failures)
                 delay = backoff_seconds(failures, self.options, kind, self._rand)
             else:
-                if not lost:
+                if reason == "stop":
                     break
-                failures = 0
-                # The link was up and went away: the device is probably still in range.
-                delay = self.options.reconnect_min_seconds
+                if reason == "silent":
+                    # Connected but never a byte of data (e.g. MTU < 100, or another app holds the
+                    # audio): reconnecting at once would repeat forever, so back off like a failure.
+                    failures += 1
+                    delay = backoff_seconds(failures, self.options, TRANSIENT, self._rand)
+                else:
+                    failures = 0
+                    # The link was up and went away: the device is probably still in range.
+                    delay = self.options.reconnect_min_seconds
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
@@ -285,11 +291,12 @@ class LinkSupervisor:
                 DEVICE_MISSING.advice)
         return found
 
-    async def _async_connection(self, stop: asyncio.Event) -> bool:
-        """One connection from lookup to loss; True if the link was lost (not stopped)."""
+    async def _async_connection(self, stop: asyncio.Event) -> str:
+        """One connection from lookup to its end; returns why it ended: "stop" (asked to),
+        "lost" (link loss), "watchdog" (data stopped) or "silent" (no data at all)."""
         device = await self._async_find(stop)
         if stop.is_set():
-            return False
+            return "stop"
         self._lost.clear()
         self._expected_disconnect = False
         client = BleakClient(device, self._on_disconnected, timeout=self.options.connect_timeout_seconds,
@@ -297,7 +304,7 @@ class LinkSupervisor:
         await _until_stop(stop, client.connect())
         if stop.is_set():
             await self._async_disconnect(client)
-            return False
+            return "stop"
         session = self._session_factory()
         try:
             async with asyncio.timeout(self.options.connect_timeout_seconds):
@@ -329,18 +336,19 @@ class LinkSupervisor:
                 if self._lost.is_set():
                     reason = "lost"
                     break
-                last = session.last_activity or connected_at
-                if time.monotonic() - max(last, connected_at) > self.options.watchdog_seconds:
-                    reason = "watchdog"
+                last = session.last_activity
+                if time.monotonic() - (last or connected_at) > self.options.watchdog_seconds:
+                    reason = "watchdog" if last is not None else "silent"
                     break
         finally:
             self.stats.connected = False
             self.connected_event.clear()
             if reason == "lost":
                 _LOGGER.warning("%s link lost; reconnecting", self.label)
-            elif reason == "watchdog":
-                _LOGGER.warning("%s sent no data for %g s; reconnecting", self.label,
-                                self.options.watchdog_seconds)
+            elif reason in ("watchdog", "silent"):
+                _LOGGER.warning("%s sent no data for %g s%s; reconnecting", self.label,
+                                self.options.watchdog_seconds,
+                                "" if reason == "watchdog" else " since connecting")
             if reason != "lost":
                 stop_hook = getattr(session, "async_stop", None)
                 if stop_hook is not None and client.is_connected:
@@ -352,7 +360,7 @@ class LinkSupervisor:
             if self._on_link_down is not None:
                 self._on_link_down()
             self.disconnected_event.set()
-        return reason != "stop"
+        return reason
 
     async def _async_disconnect(self, client: BleakClient) -> None:
         self._expected_disconnect = True
