@@ -34,7 +34,7 @@ to walk to a device or wake it, short enough that a broken setup is reported."""
 
 
 class WavSink:
-    """Collects the timeline (up to ``limit`` samples) for one WAV file."""
+    """Keeps the whole timeline in memory (tests and short checks)."""
 
     def __init__(self) -> None:
         self.parts: list[np.ndarray] = []
@@ -51,18 +51,50 @@ class WavSink:
         return pcm[:limit] if limit is not None else pcm
 
 
-def write_wav(path: Path, pcm: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm.astype("<i2").tobytes())
+class WavFileSink:
+    """Streams the first ``limit`` samples of the timeline into a WAV file (or only counts them
+    without a path), so a long recording does not sit in memory."""
+
+    def __init__(self, path: Path | None, limit: int) -> None:
+        self.limit = limit
+        self.samples = 0
+        self.first_audio = asyncio.Event()
+        self._wav: Any = None
+        if path is not None:
+            try:
+                self._wav = wave.open(str(path), "wb")  # noqa: SIM115 (closed by close())
+            except OSError as exc:
+                raise BridgeError(f"cannot write {path}: {exc.strerror}",
+                                  "choose another --wav path") from None
+            self._wav.setnchannels(1)
+            self._wav.setsampwidth(2)
+            self._wav.setframerate(SAMPLE_RATE)
+
+    def write(self, pcm: np.ndarray, /) -> None:
+        self.first_audio.set()
+        take = pcm[: max(0, self.limit - self.samples)]
+        if len(take) and self._wav is not None:
+            self._wav.writeframes(np.asarray(take, dtype="<i2").tobytes())
+        self.samples += len(take)
+
+    def close(self) -> None:
+        if self._wav is not None:
+            self._wav.close()
+            self._wav = None
 
 
 async def async_listen(device: DeviceConfig, config: Config, seconds: float,
                        wav: Path | None = None) -> dict[str, Any]:
     """Record ``seconds`` of ``device``'s timeline; returns the stats object ``--json`` prints."""
-    sink = WavSink()
+    sink = WavFileSink(wav, round(seconds * SAMPLE_RATE))
+    try:
+        return await _async_record(sink, device, config, seconds, wav)
+    finally:
+        sink.close()
+
+
+async def _async_record(sink: WavFileSink, device: DeviceConfig, config: Config, seconds: float,
+                        wav: Path | None) -> dict[str, Any]:
     link = DeviceLink(device, config.link, sink, extra={"frame": config.frame}, raise_errors=True)
     stop = asyncio.Event()
     task = asyncio.create_task(link.run(stop))
@@ -87,16 +119,12 @@ async def async_listen(device: DeviceConfig, config: Config, seconds: float,
             await task
     # Outage silence up to the deadline, so a drop near the end still yields the full length.
     link.timeline.finish(deadline)
-    limit = round(seconds * SAMPLE_RATE)
-    pcm = sink.pcm(limit)
-    if wav is not None:
-        write_wav(wav, pcm)
     s = link.stats
     return {
         "address": device.address,
         "kind": device.kind,
         "codec": s.codec,
-        "seconds": round(len(pcm) / SAMPLE_RATE, 3),
+        "seconds": round(sink.samples / SAMPLE_RATE, 3),
         "packets": s.packets,
         "frames": s.frames,
         "lost_frames": s.lost_frames,
