@@ -111,7 +111,7 @@ def concurrent(n_streams: int, seconds: float) -> dict[str, float]:
 
 
 def run(res: Results) -> None:
-    seconds = 10.0 if res.quick else 120.0
+    seconds = 5.0 if res.quick else 120.0
     runs = 1 if res.quick else 3
     notifs, _ = packets(CODEC_OPUS_20MS, seconds, MTU_NORMAL, LOSS)
     with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
@@ -125,7 +125,7 @@ def run(res: Results) -> None:
                  f"MTU 247, 2 % loss; median of {runs} ({spread(full)} %)")
     print(f"capture: {pct:.3f} % of a core (link alone {median(link):.3f} %)")
 
-    n_streams, length = (2, 8.0) if res.quick else (12, 60.0)
+    n_streams, length = (2, 5.0) if res.quick else (12, 60.0)
     tries = [concurrent(n_streams, length) for _ in range(1 if res.quick else 2)]
     e2e = [t["stream_seconds"] / t["wall"] for t in tries]
     best = tries[e2e.index(median(e2e))] if len(tries) % 2 else tries[0]

@@ -28,7 +28,7 @@ CORPUS_CLIPS = ("jfk.flac", "monologue.wav", "ljspeech/LJ001-0002.wav", "ljspeec
                 "ljspeech/LJ001-0006.wav", "ljspeech/LJ001-0008.wav", "ljspeech/LJ001-0013.wav")
 """Single-speaker clips with one reference each. stereo_diarization.wav is left out: mixed down
 it is two people talking at once, and its references are per channel."""
-QUICK_CLIPS = ("jfk.flac",)
+QUICK_CLIPS = ("ljspeech/LJ001-0004.wav",)
 
 LEAD_SECONDS = 1.5
 """Silence before each clip in a corpus stream: one conversation, clips as separate utterances

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from bench.common import (
     median,
     model,
     p95,
+    silence,
     spread,
     wer,
 )
@@ -54,13 +54,15 @@ from bench.paths import (
 from bridge.config import AsrOptions
 from bridge.conversation import Conversation
 from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.asr import AsrWorker, Window
+from bridge.speech.asr import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 
 CHUNK = 320
 """20 ms writes, as a device driver delivers them."""
 DRAIN_TIMEOUT = 600.0
 """Bound on waiting for the worker (minutes of speech on a loaded machine)."""
+LIVE_GAP_SECONDS = 5.0
+"""Conversation gap in the live run: short, so the paced stream (two conversations) is ~2 min."""
 WER_FACTOR_GOAL = 1.2
 ASR_FACTOR_GOAL = 1.1
 
@@ -98,58 +100,6 @@ def pipeline_text(pcm: np.ndarray, worker: AsrWorker, *, label: str = "bench") -
     return " ".join(s.text for c in got for s in c.segments), cpu
 
 
-class LagWorker(AsrWorker):
-    """The real worker; records, for every utterance of a window, how long after the end of its
-    speech (wall clock of the paced feed) its text was ready."""
-
-    def __init__(self, pad: float, speed: float) -> None:
-        super().__init__(AsrOptions(), model=model())
-        self.t0 = 0.0
-        self.pad = pad
-        self.speed = speed
-        self.lags: list[float] = []
-
-    def submit(self, window: Window) -> None:
-        done = window.on_done
-        conv = getattr(done, "args", [None])[0]  # functools.partial(pipeline._on_window, conv)
-
-        def on_done(w: Window, results: list, language: str | None) -> None:
-            now = time.monotonic()
-            for piece in w.pieces:
-                utt = conv.utterances.get(piece.key) if conv is not None else None
-                if utt is not None and conv.start_sample is not None:
-                    # The utterance ends `pad` after the speech does (VAD padding).
-                    end = (conv.start_sample + utt.offset + utt.samples) / SAMPLE_RATE - self.pad
-                    self.lags.append(now - (self.t0 + end / self.speed))
-            done(w, results, language)
-
-        window.on_done = on_done
-        super().submit(window)
-
-
-def live_lags(pcm: np.ndarray, speed: float = 1.0) -> list[float]:
-    """Feed ``pcm`` at ``speed`` × real time in 20 ms writes, like a device; for every utterance,
-    seconds from the end of its speech to its text being ready."""
-    with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
-        cfg = config(Path(tmp))
-        worker = LagWorker(cfg.vad.pad_seconds, speed)
-        worker.start()
-        try:
-            pipeline = SpeechPipeline("BE:NC:00:00:00:02", cfg, worker, lambda c: None)
-            worker.t0 = time.monotonic()
-            for n, i in enumerate(range(0, len(pcm), CHUNK)):
-                due = worker.t0 + (n + 1) * CHUNK / SAMPLE_RATE / speed
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)  # pacing like the radio, not synchronisation
-                pipeline.write(pcm[i:i + CHUNK])
-            pipeline.close()
-            worker.wait_idle(DRAIN_TIMEOUT)
-        finally:
-            worker.stop()
-    return worker.lags
-
-
 def run(res: Results) -> None:
     clips = load_corpus(res.quick)
     if not clips:
@@ -160,6 +110,7 @@ def run(res: Results) -> None:
         return
     runs = 1 if res.quick else 3
     seeds = [1] if res.quick else [1, 2, 3]
+    mtus = (MTU_NORMAL,) if res.quick else (MTU_NORMAL, MTU_SMALL)
     ref = " ".join(c.reference for c in clips)
     speech_s = sum(c.seconds for c in clips)
     stream = corpus_stream(clips)
@@ -194,7 +145,7 @@ def run(res: Results) -> None:
 
         record("whole-file faster-whisper, original audio", base_wer, 0.0)
         record("bridge, original audio", clean_wer, 0.0)
-        for mtu in (MTU_NORMAL, MTU_SMALL):
+        for mtu in mtus:
             for seed in seeds:
                 notifs, _frames, true_len = omi_packets(stream, mtu=mtu, loss=LOSS, seed=seed)
                 ours = omi_decode(notifs, mtu=mtu)
@@ -215,11 +166,12 @@ def run(res: Results) -> None:
         worker.stop()
 
     omi = median(conditions[f"bridge, Omi path, MTU {MTU_NORMAL}"]["wer"])
+    small = conditions.get(f"bridge, Omi path, MTU {MTU_SMALL}")
     limit = base_wer * WER_FACTOR_GOAL
     shown = f"{omi:.1%} vs {base_wer:.1%}" + (f" → **{omi / base_wer:.2f} ×**" if base_wer else "")
     res.add("wer_omi", shown, ok=omi <= limit, ratio=omi / limit if limit else None,
-            note=f"MTU {MTU_NORMAL}, median of {len(seeds)} loss patterns; small MTU "
-                 f"{median(conditions[f'bridge, Omi path, MTU {MTU_SMALL}']['wer']):.1%}")
+            note=f"MTU {MTU_NORMAL}, median of {len(seeds)} loss patterns" + (
+                f"; MTU {MTU_SMALL} (fragmented) {median(small['wer']):.1%}" if small else ""))
     fr = median(conditions["bridge, Frame path (8-bit PCM)"]["wer"])
     res.add("wer_frame", f"{fr:.1%} (whole-file {base_wer:.1%})", note="16 kHz 8-bit, 2 % packet loss")
 
@@ -236,17 +188,28 @@ def run(res: Results) -> None:
     res.plots["wer"] = {name: median(d["wer"]) for name, d in conditions.items()}
     res.plots["timeline"] = {name: median(d["err"]) for name, d in conditions.items()}
 
-    # --- end of speech → segment ready, live pacing
-    speed = 8.0 if res.quick else 1.0
-    live = [c for c in clips if c.name in ("monologue.wav", "jfk.flac")] or clips[:1]
-    lags = live_lags(corpus_stream(live, tail=4.0), speed=speed)
+    # --- end of speech → segment ready: the speech owner's live run (bench/speech_live.py)
+    from bench import speech_live
+
+    speed = 100.0 if res.quick else 1.0
+    cfg = config(Path("."), gap_seconds=LIVE_GAP_SECONDS)
+    if res.quick:  # one clip instead of the two-conversation stream
+        c = clips[0]
+        pcm = np.concatenate([silence(1.0), c.pcm, silence(1.0)])
+        stream = speech_live.Stream(pcm, [speech_live.Clip(c.name, 1.0, 1.0 + c.seconds, c.reference)])
+    else:
+        stream = speech_live.build_stream(LIVE_GAP_SECONDS)
+    live = speech_live.measure_live(model(), stream, cfg, speed)
+    lags = live.segment_ready
     if lags:
+        ready = ", ".join(f"{x:.2f}" for x in live.conversation_ready)
         res.add("segment_lag", f"{median(lags):.1f} s / {p95(lags):.1f} s",
-                note=f"{len(lags)} utterances fed at {speed:g}× real time (1 run); ends wait for a "
-                     "3 s pause or a full 28 s window before transcription ([asr] flush_pause_seconds)")
+                note=f"{len(lags)} clips' last words, stream paced at {speed:g}× real time (1 run; "
+                     f"bench.speech_live); text waits for a {cfg.asr.flush_pause_seconds:g} s pause or a "
+                     f"full window. Conversation close → ready: {ready} s")
         res.plots["lags"] = lags
     else:
-        res.skip("segment_lag", "no utterance transcribed")
+        res.skip("segment_lag", "no segment came back")
 
 
 def normalise_words(text: str) -> list[str]:

@@ -1,0 +1,237 @@
+"""The daemon as users run it: idle CPU while a pendant streams silence, and peak memory.
+
+``omi-bridge run`` in its own process (real bleak, the real link, speech pipeline, worker and
+outbox), ``python -m bridge.sim`` in another (our fake bluetoothd on a private D-Bus, simulated
+pendants streaming firmware-encoded Opus at the real rate), and the simulated Omi API on
+loopback. Each pendant says one clip after a lead-in, then streams encoded digital silence.
+
+- **Idle CPU**: once the conversation has reached the API (the gap has closed it), the daemon's
+  CPU time (``/proc/PID/stat`` utime + stime, all its threads) over a window of wall time while
+  the pendant keeps streaming silence. The simulator and dbus-daemon stand in for the radio and
+  BlueZ and are not counted.
+- **Peak RSS**: ``ru_maxrss`` of the daemon process (``os.wait4`` after SIGTERM) with one pendant
+  and with four; each extra device = the difference / 3.
+
+    python -m bench daemon [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Results, load_corpus, median, silence, spread
+from bridge.devices.base import SAMPLE_RATE
+from bridge.sim.bus import PrivateBus
+from bridge.sim.omi_api import ApiKey, OmiApiSim
+
+KEY = "omi_dev_bench_key"
+LEAD_SECONDS = 6.0
+"""Silence before the pendant speaks: the daemon loads its model, finds the adapter, scans and
+connects meanwhile (audio produced before that is lost, as with a real pendant)."""
+GAP_SECONDS = 3.0
+START_TIMEOUT = 60.0
+CONVERSATION_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+POLL = 0.2
+IDLE_GOAL_PERCENT = 1.0
+RSS_GOAL_MB = 450.0
+EXTRA_GOAL_MB = 20.0
+ADDRESSES = ("C0:FF:EE:00:BE:01", "C0:FF:EE:00:BE:02", "C0:FF:EE:00:BE:03", "C0:FF:EE:00:BE:04")
+
+
+def write_wav(path: Path, pcm: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def write_config(tmp: Path, addresses: list[str], api_url: str) -> Path:
+    text = "".join(f'[[devices]]\nkind = "omi"\naddress = "{a}"\nname = "bench-{i}"\n\n'
+                   for i, a in enumerate(addresses))
+    text += f"""[conversation]
+gap_seconds = {GAP_SECONDS}
+
+[link]
+scan_timeout_seconds = 2.0
+reconnect_max_seconds = 2.0
+
+[api]
+base_url = "{api_url}"
+api_key = "{KEY}"
+
+[storage]
+dir = "{tmp / 'state'}"
+"""
+    path = tmp / "config.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a live process, all threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sim_frames(bus: str, address: str) -> int:
+    from bridge.sim.control import SimControlClient
+
+    async def get() -> Any:
+        async with SimControlClient(bus) as client:
+            return await client.stats(address)
+
+    data = asyncio.run(get())
+    data = data if isinstance(data, dict) else json.loads(data)
+    model = data.get("model", data)
+    return int(model.get("frames_sent", 0))
+
+
+def session(n_devices: int, tmp: Path, *, speech: np.ndarray | None, idle_seconds: float,
+            idle_slices: int = 4) -> dict[str, Any]:
+    """One daemon run; returns peak RSS (MB), idle CPU % per slice, frames streamed meanwhile."""
+    addresses = list(ADDRESSES[:n_devices])
+    wav = tmp / "pendant.wav"
+    pcm = silence(LEAD_SECONDS) if speech is None else np.concatenate([silence(LEAD_SECONDS), speech])
+    write_wav(wav, pcm)
+    out: dict[str, Any] = {"devices": n_devices}
+    bus = PrivateBus().start()
+    api = OmiApiSim({KEY: ApiKey()}).start()
+    sim = daemon = None
+    log = (tmp / "daemon.log").open("ab")
+    slog = (tmp / "sim.log").open("ab")
+    try:
+        env = bus.env()
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OMI_API_KEY", "OMI_BRIDGE_CONFIG",
+                     "STATE_DIRECTORY", "RUNTIME_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
+            env.pop(name, None)
+        config = write_config(tmp, addresses, api.url)
+        daemon = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config", str(config)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        args = [sys.executable, "-m", "bridge.sim", "--bus", bus.address]
+        for a in addresses:
+            args += ["--omi", f"{a}:{wav}"]
+        sim = subprocess.Popen(args, env=bus.env(), stdout=subprocess.PIPE, stderr=slog,
+                               stdin=subprocess.DEVNULL, text=True)
+        assert sim.stdout is not None
+        if not sim.stdout.readline():
+            raise RuntimeError(f"simulator did not start; see {tmp / 'sim.log'}")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(sim_frames(bus.address, a) > 0 for a in addresses):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise RuntimeError(f"daemon never streamed from every pendant: {_tail(tmp / 'daemon.log')}")
+            time.sleep(POLL)  # polling another process's counters
+        if speech is not None:
+            if not api.wait_until(lambda: len(api.conversations()) >= n_devices, CONVERSATION_TIMEOUT):
+                raise RuntimeError(f"conversations never reached the API: {_tail(tmp / 'daemon.log')}")
+            out["conversations"] = len(api.conversations())
+        if idle_seconds:
+            slices = []
+            frames0 = sim_frames(bus.address, addresses[0])
+            for _ in range(idle_slices):
+                cpu0, wall0 = proc_cpu(daemon.pid), time.monotonic()
+                time.sleep(idle_seconds / idle_slices)  # the measured window of wall time
+                slices.append((proc_cpu(daemon.pid) - cpu0) / (time.monotonic() - wall0) * 100)
+            out["idle"] = slices
+            out["idle_frames"] = sim_frames(bus.address, addresses[0]) - frames0
+            out["idle_seconds"] = idle_seconds
+        daemon.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(daemon.pid, os.WNOHANG)
+            if pid:
+                daemon.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                daemon.kill()
+                pid, status, usage = os.wait4(daemon.pid, 0)
+                daemon.returncode = os.waitstatus_to_exitcode(status)
+                break
+            time.sleep(POLL)
+        out["rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+        out["exit"] = daemon.returncode
+    finally:
+        if daemon is not None and daemon.returncode is None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if sim is not None and sim.poll() is None:
+            sim.terminate()
+            try:
+                sim.wait(10)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        api.stop()
+        bus.stop()
+        log.close()
+        slog.close()
+    return out
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-1500:] if path.exists() else ""
+
+
+def run(res: Results) -> None:
+    clips = {c.name: c.pcm for c in load_corpus()}
+    speech = clips.get("jfk.flac")
+    if speech is None:
+        from bridge.sim.audio import demo_speech_path, load_pcm16k
+
+        speech = load_pcm16k(demo_speech_path())
+    with tempfile.TemporaryDirectory(prefix="omi-bench-d1-") as tmp:
+        if res.quick:
+            one = session(1, Path(tmp), speech=None, idle_seconds=1.0, idle_slices=1)
+        else:
+            one = session(1, Path(tmp), speech=speech, idle_seconds=20.0)
+    idle = median(one["idle"])
+    rate = one["idle_frames"] / one["idle_seconds"]
+    res.add("idle_cpu", f"{idle:.2f} % of a core", ok=idle <= IDLE_GOAL_PERCENT,
+            ratio=idle / IDLE_GOAL_PERCENT,
+            note=f"daemon process, {one['idle_seconds']:g} s while the pendant streamed {rate:.0f} Opus "
+                 f"frames/s of silence; median of {len(one['idle'])} slices ({spread(one['idle'])} %)")
+    print(f"idle: {idle:.2f} %  slices {one['idle']}")
+    if res.quick:
+        res.add("rss", f"{one['rss_mb']:.0f} MB / not measured (--quick)",
+                note="quick: one silent pendant, no transcription")
+        return
+    with tempfile.TemporaryDirectory(prefix="omi-bench-d4-") as tmp:
+        four = session(4, Path(tmp), speech=speech, idle_seconds=0.0)
+    extra = (four["rss_mb"] - one["rss_mb"]) / 3
+    ok = one["rss_mb"] <= RSS_GOAL_MB and extra <= EXTRA_GOAL_MB
+    res.add("rss", f"{one['rss_mb']:.0f} MB / {extra:+.1f} MB", ok=ok,
+            ratio=max(one["rss_mb"] / RSS_GOAL_MB, extra / EXTRA_GOAL_MB),
+            note=f"daemon ru_maxrss: 1 pendant {one['rss_mb']:.0f} MB, 4 pendants {four['rss_mb']:.0f} MB, "
+                 "each transcribing one clip; (4 − 1) / 3 per extra device")
+    res.plots["rss"] = {"1 device": one["rss_mb"], "4 devices": four["rss_mb"]}
+    print(f"rss: one {one['rss_mb']:.0f} MB, four {four['rss_mb']:.0f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench daemon", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    res = Results(quick=args.quick)
+    run(res)
+    for row in res.rows.values():
+        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
