@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from dataclasses import replace
@@ -202,3 +203,45 @@ def test_one_worker_serves_two_devices_talking_at_once(tmp_path: Path, worker) -
     assert conv_a.client_session_id != conv_b.client_session_id
     assert a.backlog_seconds() == 0 and b.backlog_seconds() == 0
     assert worker.healthy()
+
+
+def test_when_asr_falls_behind_speech_waits_on_disk_and_is_reported(tmp_path: Path, model) -> None:
+    got = Collector()
+    worker = AsrWorker(AsrOptions(), model=model)  # not started yet: ASR "falls behind"
+    pipeline = SpeechPipeline("AA:BB:CC:DD:EE:04", config(tmp_path), worker, got, anchor=ANCHOR)
+    speech = clip("monologue.wav")
+    feed(pipeline, np.concatenate([silence(1.0), speech, silence(4.0)]))
+    backlog = pipeline.backlog_seconds()
+    assert 0.8 * len(speech) / SAMPLE_RATE < backlog <= len(speech) / SAMPLE_RATE + 5
+    assert worker.backlog_seconds() > 0
+    on_disk = sum(p.stat().st_size for p in pipeline.dir.rglob("*.pcm")) / 2 / SAMPLE_RATE
+    assert on_disk == pytest.approx(backlog, abs=0.1)
+    worker.start()
+    try:
+        assert worker.wait_idle(TIMEOUT)
+        assert pipeline.backlog_seconds() == 0
+        assert not list(pipeline.dir.rglob("*.pcm")), "transcribed audio is deleted"
+        pipeline.close()
+        (conv,) = got.wait_for(1)
+    finally:
+        worker.stop()
+    assert "github" in normalise(text_of(conv))
+
+
+def test_a_conversation_reaching_max_seconds_is_closed_and_the_next_one_continues(
+        tmp_path: Path, worker) -> None:
+    got = Collector()
+    pipeline = SpeechPipeline("AA:BB:CC:DD:EE:05", config(tmp_path, max_seconds=5.0), worker, got,
+                              anchor=ANCHOR)
+    feed(pipeline, np.concatenate([silence(0.5), clip("jfk.flac"), silence(1.0)]))
+    pipeline.close()
+    got.wait_for(2)
+    assert worker.wait_idle(TIMEOUT)
+    convs = sorted(got.items, key=lambda c: c.started_at)
+    for a, b in itertools.pairwise(convs):
+        check_contract(a)
+        assert a.finished_at <= b.started_at
+        # Closed at the first utterance starting past max_seconds: at most one utterance over.
+        assert (a.finished_at - a.started_at).total_seconds() <= 5.0 + Config().vad.max_utterance_seconds
+    words = normalise(" ".join(text_of(c) for c in convs))
+    assert "fellow americans" in words and "your country" in words
