@@ -99,3 +99,23 @@ def test_plain_text_is_a_readable_transcript_and_bad_files_are_named(tmp_path: P
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Conversation 1:")
     assert "milk" in run.stdout.lower()
+
+
+def test_send_delivers_once_even_when_the_file_is_imported_twice(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.sim.omi_api import ApiKey, OmiApiSim
+
+    monkeypatch.delenv("OMI_API_KEY", raising=False)
+    key = "omi_dev_TRANSCRIBE"
+    with OmiApiSim({key: ApiKey()}) as sim:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[api]\nbase_url = "{sim.url}"\napi_key = "{key}"\n\n'
+                          f'[storage]\ndir = "{tmp_path / "state"}"\n')
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-m", "bridge", "transcribe", "--config", str(config),
+                                  str(DEMO), "--send"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=TIMEOUT, check=False)
+            assert run.returncode == 0, run.stdout + run.stderr
+        (stored,) = sim.conversations()
+        assert "milk" in stored.transcript.lower()
+        assert stored.body["source"] == "external_integration"
