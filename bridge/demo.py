@@ -41,6 +41,7 @@ LEAD_IN_SECONDS = 2.0
 """Silence before the clip, so the daemon has connected before the first word is spoken."""
 GAP_SECONDS = 5.0
 """A short conversation gap so the demo's conversation closes soon after the clip ends."""
+SENT_WAIT_SECONDS = 5.0
 DEADLINE_SECONDS = 240.0
 """Give up (and say why) if no conversation arrived by then; normally it takes about 40 s."""
 
@@ -125,6 +126,17 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
             t0 = time.monotonic()
             arrived = await asyncio.to_thread(api.wait_until, lambda: bool(api.conversations()) or
                                               task.done(), DEADLINE_SECONDS)
+            if arrived and not task.done():
+                # What `omi-bridge status` would print at this moment.
+                from bridge.status import format_status
+
+                # The API stored it; give the sender a moment to record the answer it just got.
+                for _ in range(int(SENT_WAIT_SECONDS / 0.1)):
+                    daemon._outbox_checked = 0.0
+                    if (daemon.outbox_status().get("counts") or {}).get("sent"):
+                        break
+                    await asyncio.sleep(0.1)
+                print("\n" + format_status({**daemon.state(), "running": True}) + "\n", file=out)
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 15)
@@ -155,6 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.daemon import setup_logging
 
     setup_logging("info", verbose=getattr(args, "verbose", False))
+    # Progress for a person watching: the daemon's own log, with the time of day only.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     if shutil.which("dbus-daemon") is None:
         raise BridgeError("the demo needs dbus-daemon for its simulated Bluetooth bus",
                           "sudo apt-get install dbus-daemon   (make demo does it when run as root)")
