@@ -357,3 +357,22 @@ async def test_a_link_below_mtu_100_is_reported(fake_bluez, caplog):
     stop.set()
     await asyncio.wait_for(task, TIMEOUT)
     assert "ATT MTU is 90; Omi sends no audio below 100" in caplog.text
+
+
+async def test_pendant_forgotten_by_bluez_while_away_is_found_again(fake_bluez):
+    # BlueZ forgets an unpaired device soon after it stops advertising; an old BLEDevice would
+    # then fail with a plain "not found" (bluez-for-tests.md §9.2). Every attempt looks it up anew.
+    fake_bluez.temporary_timeout = 0.3
+    model = OmiModel(out_of_range=[(0.5, 2.0)], after_clip="loop")
+    await fake_bluez.add_device(model)
+    dev = fake_bluez.device(model.address)
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, WavSink())
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await fake_bluez.wait_until(lambda: not dev.in_range, TIMEOUT)
+    await fake_bluez.wait_until(lambda: not dev.present, TIMEOUT)  # forgotten by BlueZ
+    await fake_bluez.wait_until(lambda: dev.connects >= 2, TIMEOUT)
+    await asyncio.wait_for(link.supervisor.connected_event.wait(), TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert link.stats.reconnects == 1
