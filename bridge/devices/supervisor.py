@@ -28,9 +28,11 @@ never leaks across a reconnect. ``SessionContext`` carries what outlives connect
 device's config, the ``AudioTimeline`` and the ``LinkStats``.
 
 ``DeviceLink`` is the entry point the daemon uses: one per paired device, ``await
-link.run(stop)`` until ``stop`` is set. It picks the session class by ``DeviceConfig.kind`` from
-``SESSION_KINDS`` and, about once a second, lets the timeline catch up with wall clock while
-the link is down and reports ``LinkStats`` through ``on_stats``.
+link.run(stop)`` until ``stop`` is set (``link.stats``, ``link.timeline.started_at`` and
+``link.supervisor.connected_event`` / ``disconnected_event`` are there to watch). It picks
+the session class by ``DeviceConfig.kind`` from ``SESSION_KINDS`` and, about once a second,
+lets the timeline catch up with wall clock while the link is down and reports ``LinkStats``
+through ``on_stats``.
 
 Policy (style.md, Home Assistant's bleak-retry-connector):
 
@@ -41,7 +43,8 @@ Policy (style.md, Home Assistant's bleak-retry-connector):
   ``reconnect_max_seconds``, times a random factor in [0.5, 1] so several bridges do not
   retry in lock-step. A link that was lost (not a failed attempt) retries after
   ``reconnect_min_seconds`` at once, which keeps a device in range reconnecting in well under
-  2 s.
+  2 s. A connection that never delivered any data before the watchdog fired counts as a
+  failure (it would otherwise be remade every watchdog period forever).
 - Every attempt looks the device up again: first among devices BlueZ already holds connected
   (after our own crash BlueZ keeps the link and the device stops advertising;
   bluez-for-tests.md §9.1), then by scanning for the address. A ``BLEDevice`` from an earlier
