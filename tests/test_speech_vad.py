@@ -71,7 +71,7 @@ def test_an_utterance_longer_than_the_maximum_is_cut_at_its_quietest_point() -> 
     assert all(b - a <= 10 * SAMPLE_RATE for a, b in itertools.pairwise(bounds))
 
 
-def test_digital_silence_costs_no_model_call_and_reads_as_no_speech() -> None:
+def test_digital_silence_and_quiet_noise_read_as_no_speech() -> None:
     vad = SileroVad()
     assert vad(np.zeros(F, dtype=np.int16)) == 0.0
     rng = np.random.default_rng(1)
