@@ -280,13 +280,17 @@ def format_status(info: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    config_error = None
     try:
         config = load_config(args.config)
     except BridgeError as exc:
-        # A broken config must not stop us from reporting on a daemon started with a good one.
-        print(f"warning: {exc}", file=sys.stderr)
+        # Unreadable for this user (/etc/omi-bridge is 0750) or broken: the service's state in
+        # /run/omi-bridge is still found; the config only matters for a daemon run by hand.
+        config_error = exc
         config = Config()
     info = collect(config)
+    if config_error is not None and not info["running"]:
+        print(f"warning: {config_error}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(info, indent=2))
     else:
