@@ -166,6 +166,7 @@ class Daemon:
         self._outbox_status: dict[str, Any] = {}
         self._outbox_checked = 0.0
         self.enqueued = 0
+        self.last_conversation: dict[str, Any] | None = None
         self.on_enqueued: Callable[[Conversation], None] | None = None
         """Test/demo hook, called after a conversation is committed to the outbox."""
 
@@ -177,6 +178,10 @@ class Daemon:
         self.outbox.enqueue(conv, self.config.location, time.time())
         self.enqueued += 1
         text = " ".join(s.text for s in conv.segments)
+        self.last_conversation = {"device": conv.device, "client_session_id": conv.client_session_id,
+                                  "started_at": conv.started_at.isoformat(timespec="seconds"),
+                                  "queued_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                                  "words": len(text.split())}
         _LOGGER.info("%s: conversation %s ready (%d segments, %.0f s, %d words); queued for Omi",
                      conv.device, conv.client_session_id, len(conv.segments),
                      (conv.finished_at - conv.started_at).total_seconds(), len(text.split()))
@@ -442,6 +447,7 @@ class Daemon:
                        "writes_last_hour": ob.get("writes_last_hour"),
                        "writes_per_hour": ob.get("writes_per_hour")},
             "conversations_queued_since_start": self.enqueued,
+            "last_conversation": self.last_conversation,
         }
 
     def _publish(self) -> None:

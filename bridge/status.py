@@ -267,6 +267,10 @@ def format_status(info: dict[str, Any]) -> str:
         backlog = tr.get("backlog_seconds") or 0.0
         lines.append(f"transcription: {backlog:.1f} s of speech waiting"
                      + (" (worker stuck!)" if tr.get("stuck") else ""))
+    last = info.get("last_conversation")
+    if last:
+        lines.append(f"last conversation: {last.get('device')}, started {_ago(last.get('started_at'))}, "
+                     f"{last.get('words')} words, queued {_ago(last.get('queued_at'))}")
     ob = info.get("outbox") or {}
     if ob:
         counts = ", ".join(f"{ob.get(k, 0)} {k}" for k in ("queued", "waiting", "paused", "sent", "dead"))

@@ -59,6 +59,8 @@ def test_running_daemon_is_described(config: Path, tmp_path: Path,
                  "last_error": "device not found", "conversation_open": False},
             ],
             "transcription": {"backlog_seconds": 4.5},
+            "last_conversation": {"device": "pendant", "started_at": (now - timedelta(minutes=3)).isoformat(),
+                                  "queued_at": (now - timedelta(minutes=2)).isoformat(), "words": 36},
             "outbox": {"queued": 1, "waiting": 0, "paused": 0, "sent": 3, "dead": 0,
                        "next_attempt_at": (now + timedelta(minutes=2)).isoformat()},
         })
@@ -71,6 +73,7 @@ def test_running_daemon_is_described(config: Path, tmp_path: Path,
         assert "glasses (frame, AA:BB:CC:DD:EE:02): not connected" in out
         assert "last error: device not found" in out
         assert "4.5 s of speech waiting" in out
+        assert "last conversation: pendant, started" in out and "36 words" in out
         assert "1 queued" in out and "3 sent" in out and "next send" in out
 
         assert main(["status", "--json", "--config", str(config)]) == 0
