@@ -202,7 +202,7 @@ def run(res: Results) -> None:
     live = speech_live.measure_live(model(), stream, cfg, speed)
     lags = live.segment_ready
     if lags:
-        ready = ", ".join(f"{x:.2f}" for x in live.conversation_ready)
+        ready = ", ".join(f"{max(0.0, x):.2f}" for x in live.conversation_ready)
         res.add("segment_lag", f"{median(lags):.1f} s / {p95(lags):.1f} s",
                 note=f"{len(lags)} clips' last words, stream paced at {speed:g}× real time (1 run; "
                      f"bench.speech_live); text waits for a {cfg.asr.flush_pause_seconds:g} s pause or a "
