@@ -54,7 +54,7 @@ DEVICE_RESTART_MIN_SECONDS = 2.0
 DEVICE_RESTART_MAX_SECONDS = 60.0
 """Back-off when a device task itself fails (the link supervisor already retries BLE errors; this
 is for bugs and unexpected errors), doubling per consecutive failure."""
-ADAPTER_RETRY_SECONDS = 2.0
+ADAPTER_RETRY_SECONDS = 1.0
 """How often a missing or powered-off adapter is looked for again before READY."""
 WORKER_STOP_SECONDS = 5.0
 """At shutdown the worker may finish the window in hand (≤ 4 s on a Pi 4, performance-notes.md

@@ -37,11 +37,12 @@ _LOGGER = logging.getLogger(__name__)
 DEMO_KEY = "omi_dev_demo_local_only"
 """Accepted by the local stand-in only; never valid on api.omi.me."""
 DEMO_ADDRESS = {"omi": "C0:FF:EE:00:00:01", "frame": "C0:FF:EE:00:00:02"}
-LEAD_IN_SECONDS = 2.0
-"""Silence before the clip, so the daemon has connected before the first word is spoken."""
+LEAD_IN_SECONDS = 3.0
+"""Silence before the clip: the daemon finds and connects to the device before the first word."""
 GAP_SECONDS = 5.0
 """A short conversation gap so the demo's conversation closes soon after the clip ends."""
 SENT_WAIT_SECONDS = 5.0
+READY_POLL_SECONDS = 0.1
 DEADLINE_SECONDS = 240.0
 """Give up (and say why) if no conversation arrived by then; normally it takes about 40 s."""
 
@@ -116,14 +117,27 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
         fake = FakeBluez(bus.address)
         await fake.start()
         try:
-            await _add_device(fake, kind)
-            say(f"simulated {kind} {DEMO_ADDRESS[kind]} is on and speaking "
-                f"(~{len(_speech()) / SAMPLE_RATE:.0f} s of speech, then silence)")
             say(f"config: {config_path}; the conversation closes {GAP_SECONDS:g} s after the last word")
             stop = asyncio.Event()
             daemon = Daemon(config, notifier=Notifier({}), state_dir=work / "run")
             task = asyncio.create_task(daemon.run(stop))
             t0 = time.monotonic()
+            # The simulated device speaks in real time from the moment it is switched on; switch it
+            # on once the daemon is ready, so a slow start (model loading on a busy machine) cannot
+            # make it miss the first words.
+            while not daemon.ready and not task.done():
+                if time.monotonic() - t0 > DEADLINE_SECONDS:
+                    say("the daemon did not get ready; see the log above")
+                    stop.set()
+                    await task
+                    return 1
+                await asyncio.sleep(READY_POLL_SECONDS)
+            if task.done():
+                await task  # raises what stopped it
+                return 1
+            await _add_device(fake, kind)
+            say(f"simulated {kind} {DEMO_ADDRESS[kind]} is switched on and speaking "
+                f"(~{len(_speech()) / SAMPLE_RATE:.0f} s of speech, then silence)")
             arrived = await asyncio.to_thread(api.wait_until, lambda: bool(api.conversations()) or
                                               task.done(), DEADLINE_SECONDS)
             if arrived and not task.done():

@@ -34,13 +34,15 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 """SIGTERM → exit; the promise is 'a few seconds'."""
 POLL = 0.1
-LEAD_IN = 2.0
+LEAD_IN = 4.0
+"""Silence before the first word: the daemon sees bluetoothd appear (polled every second), scans
+and connects before the pendant starts talking."""
 API_KEY = "omi_dev_e2e_secret_key"
 PENDANT = "C0:FF:EE:00:00:01"
 GLASSES = "C0:FF:EE:00:00:02"
 AWAY = "C0:FF:EE:00:00:09"
 """Paired but never in range: it must not hold up READY nor the other devices."""
-KEY_WORDS = ("milk", "thursday", "budget")
+KEY_WORDS = ("morning", "milk", "budget")
 """Words the tiny model gets right from both the Omi (Opus) and the Frame (8-bit PCM) audio."""
 EXIT_CONFIG = 78
 
@@ -301,15 +303,19 @@ def test_pendant_and_glasses_become_conversations_in_omi_under_systemd(
 
 
 def test_sigterm_mid_conversation_then_restart_gives_one_complete_conversation(
-        tmp_path: Path, bus: PrivateBus, api: OmiApiSim, speech_wav: Path, demo_audio: np.ndarray) -> None:
+        tmp_path: Path, bus: PrivateBus, api: OmiApiSim, notify: NotifySocket, speech_wav: Path,
+        demo_audio: np.ndarray) -> None:
     # A long gap: the conversation is still open when the daemon is stopped.
     config = write_config(tmp_path, [("omi", PENDANT, "pendant")], api.url, gap=60.0)
-    env = daemon_env(bus)
+    env = daemon_env(bus, notify)
     dlog, slog = tmp_path / "daemon.log", tmp_path / "sim.log"
-    sim = Simulator(bus, [("omi", PENDANT)], speech_wav, slog)
     first = Daemon(config, env, dlog)
+    sim = None
     second = None
     try:
+        # The pendant talks from the moment it is switched on: only once the daemon is up.
+        notify.wait(lambda m: "Bluetooth" in m.get("STATUS", ""), START_TIMEOUT, "the daemon to start")
+        sim = Simulator(bus, [("omi", PENDANT)], speech_wav, slog)
         clip_end = int((LEAD_IN + len(demo_audio) / SAMPLE_RATE + 1.0) * SAMPLE_RATE)
 
         def spoken() -> bool:
@@ -323,7 +329,7 @@ def test_sigterm_mid_conversation_then_restart_gives_one_complete_conversation(
         assert first.terminate() == 0, logs(dlog)
         assert api.conversations() == []
 
-        second = Daemon(config, env, dlog)
+        second = Daemon(config, daemon_env(bus), dlog)
         assert api.wait_until(lambda: len(api.conversations()) >= 1, TIMEOUT), logs(dlog, slog)
         assert second.terminate() == 0, logs(dlog)
         convs = api.conversations()
@@ -335,7 +341,8 @@ def test_sigterm_mid_conversation_then_restart_gives_one_complete_conversation(
         first.kill()
         if second is not None:
             second.kill()
-        sim.stop()
+        if sim is not None:
+            sim.stop()
 
 
 def test_run_refuses_an_invalid_config_with_check_configs_words(tmp_path: Path) -> None:
