@@ -447,7 +447,9 @@ def test_missing_dbus_daemon_is_a_clear_error_naming_the_package(monkeypatch, tm
     assert "apt-get install dbus-daemon" in err.value.hint
 
 
-async def test_acquire_write_reports_the_mtu_and_write_commands_reach_the_device(fake_bluez: FakeBluez) -> None:
+async def test_acquire_write_reports_the_mtu_and_write_commands_reach_the_device(
+    fake_bluez: FakeBluez,
+) -> None:
     received: list[bytes] = []
     written = asyncio.Event()
 
