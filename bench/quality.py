@@ -16,6 +16,11 @@ Conditions, all on the same corpus stream (every clip after 1.5 s of silence):
 Lossy conditions use several loss patterns (seeds); the table shows medians. The timeline error
 is the decoded length minus the length the device produced.
 
+ASR CPU per second of speech: process CPU (every thread) of the pipeline run on the original
+audio, VAD included, against the whole-file calls, which include their own VAD; the same loaded
+model serves both. End of speech → segment ready comes from the speech owner's live run
+(``bench.speech_live.measure_live``, paced at real time).
+
     python -m bench quality [--quick]
 """
 
@@ -178,7 +183,9 @@ def run(res: Results) -> None:
     lines = [f"{len(clips)} clips, {speech_s:.1f} s of speech, {len(normalise_words(ref))} reference words "
              f"(one word ≈ {100 / max(1, len(normalise_words(ref))):.1f} % WER). Lossy rows: median over "
              f"{len(seeds)} loss patterns (min–max in brackets). Timeline error = decoded length − "
-             "length the device produced.", "",
+             "length the device produced. At a fragmenting MTU the packet index counts "
+             "notifications, not frames, so how many frames a loss gap held is inferred: the "
+             "bridge's small residual error there.", "",
              "| condition | WER | timeline error |", "|---|---|---|"]
     for name, d in conditions.items():
         w, e = d["wer"], d["err"]
