@@ -13,7 +13,7 @@ from bridge.config import Config, VadOptions
 from bridge.devices.base import SAMPLE_RATE
 from bridge.speech.asr import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
-from bridge.speech.vad import FRAME_SAMPLES, Endpointer, SileroVad
+from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, GATE_HANGOVER_FRAMES, Endpointer, SileroVad
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 F = FRAME_SAMPLES
@@ -76,6 +76,77 @@ def test_digital_silence_and_quiet_noise_read_as_no_speech() -> None:
     assert vad(np.zeros(F, dtype=np.int16)) == 0.0
     rng = np.random.default_rng(1)
     assert 0.0 <= vad((rng.normal(0, 300, F)).astype(np.int16)) < 0.5
+
+
+def _corpus_stream(gain_db: float) -> np.ndarray:
+    if not (CORPUS / "manifest.json").exists():
+        pytest.skip(f"speech corpus not found at {CORPUS} (it lives beside the project)")
+    from bridge.speech.files import decode
+
+    names = ["jfk.flac", "ljspeech/LJ001-0002.wav", "ljspeech/LJ001-0004.wav", "ljspeech/LJ001-0006.wav",
+             "ljspeech/LJ001-0008.wav", "ljspeech/LJ001-0013.wav"]
+    parts = []
+    for name in names:
+        parts += [np.zeros(SAMPLE_RATE, np.int16), decode(CORPUS / name)]
+    audio = np.concatenate([*parts, np.zeros(SAMPLE_RATE, np.int16)]).astype(np.float64)
+    return np.round(audio * 10 ** (gain_db / 20)).astype(np.int16)
+
+
+def _utterance_mask(vad: SileroVad, audio: np.ndarray) -> np.ndarray:
+    """Samples inside utterances (pads included), as the pipeline would spool them."""
+    n = len(audio) // FRAME_SAMPLES * FRAME_SAMPLES
+    frames = audio[:n].reshape(-1, FRAME_SAMPLES)
+    probs = np.concatenate([vad.probs(frames[i:i + BATCH_FRAMES])
+                            for i in range(0, len(frames), BATCH_FRAMES)])
+    ep = Endpointer(VadOptions())
+    events = [e for i, p in enumerate(probs) for e in ep.push(i * F, float(p))] + ep.flush(n)
+    mask = np.zeros(n, dtype=bool)
+    start = 0
+    for e in events:
+        if e.kind == "start":
+            start = e.sample
+        else:
+            mask[start:e.sample] = True
+            start = e.sample
+    return mask
+
+
+def test_the_level_gate_never_drops_quiet_speech() -> None:
+    # Clean studio recordings 30 dB down (≈ -50 dBFS): their pauses sink below the -80 dBFS gate,
+    # the words must not.
+    audio = _corpus_stream(-30.0)
+    plain = SileroVad(None)
+    ungated = _utterance_mask(plain, audio)
+    gate = SileroVad(VadOptions().min_level_dbfs)
+    gated = _utterance_mask(gate, audio)
+    assert gate.gated > plain.gated, "the gate skipped some quiet frames (besides digital silence)"
+    assert ungated.sum() > 20 * SAMPLE_RATE
+    missed = (ungated & ~gated).sum() / SAMPLE_RATE
+    assert missed <= 0.01 * ungated.sum() / SAMPLE_RATE, f"{missed:.2f} s of speech lost to the gate"
+
+
+def test_decoded_silence_skips_the_model_and_reads_as_silence() -> None:
+    # What an Opus decoder makes of a silent room: ±1 LSB, ≈ -95 dBFS.
+    rng = np.random.default_rng(3)
+    hush = rng.integers(-1, 2, size=(64, F)).astype(np.int16)
+    vad = SileroVad(VadOptions().min_level_dbfs)
+    probs = vad.probs(hush)
+    assert vad.gated == len(hush) - GATE_HANGOVER_FRAMES
+    assert probs.max() < 0.5
+
+
+def test_frames_in_batches_score_exactly_as_one_by_one() -> None:
+    rng = np.random.default_rng(5)
+    t = np.arange(40 * F) / SAMPLE_RATE
+    audio = (3000 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+             + rng.normal(0, 200, len(t))).astype(np.int16)
+    audio[10 * F:14 * F] = 0  # a link gap inside a batch
+    frames = audio.reshape(-1, F)
+    one = SileroVad()
+    singles = np.array([one(f) for f in frames], dtype=np.float32)
+    batched = SileroVad()
+    together = np.concatenate([batched.probs(frames[i:i + 7]) for i in range(0, len(frames), 7)])
+    assert np.array_equal(singles, together)
 
 
 def _feed_without_asr(tmp_path: Path, audio: np.ndarray) -> tuple[SpeechPipeline, AsrWorker, list]:

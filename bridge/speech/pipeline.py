@@ -30,7 +30,7 @@ from bridge.devices.base import SAMPLE_RATE
 from bridge.speech import spool
 from bridge.speech.asr import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
-from bridge.speech.vad import FRAME_SAMPLES, Endpointer, SileroVad
+from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, SileroVad
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,10 +73,11 @@ class SpeechPipeline:
         self._session_id = session_id or (lambda started, _offset: live_session_id(device, started))
         self.dir = spool.device_dir(storage or config.storage.path, device)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._vad = SileroVad()
+        self._vad = SileroVad(config.vad.min_level_dbfs)
         self._ep = Endpointer(config.vad)
         self._lock = threading.RLock()
         self._rest = np.zeros(0, dtype=np.int16)
+        self._batch = BATCH_FRAMES * FRAME_SAMPLES
         self.samples = 0
         """Samples of the timeline processed by the VAD so far."""
         self._ring: collections.deque[tuple[int, np.ndarray]] = collections.deque(
@@ -106,14 +107,20 @@ class SpeechPipeline:
             if self.anchor is None:
                 self.anchor = datetime.now(UTC) - timedelta(seconds=len(pcm) / SAMPLE_RATE)
             data = np.concatenate([self._rest, np.asarray(pcm, dtype=np.int16).reshape(-1)])
-            n = len(data) // FRAME_SAMPLES * FRAME_SAMPLES
-            for i in range(0, n, FRAME_SAMPLES):
-                try:
-                    self._frame(data[i:i + FRAME_SAMPLES], ready)
-                except OSError as exc:
-                    self._spool_failed(exc)
+            # Whole batches only: the audio waits ≤ 128 ms for the VAD (vad.BATCH_FRAMES).
+            n = len(data) // self._batch * self._batch
+            if n:
+                self._frames(data[:n], ready)
             self._rest = data[n:].copy()
         self._hand_on(ready)
+
+    def _frames(self, data: np.ndarray, ready: list[OpenConversation]) -> None:
+        frames = data.reshape(-1, FRAME_SAMPLES)
+        for frame, prob in zip(frames, self._vad.probs(frames), strict=True):
+            try:
+                self._frame(frame, float(prob), ready)
+            except OSError as exc:
+                self._spool_failed(exc)
 
     def _spool_failed(self, exc: OSError) -> None:
         """Disk full or gone: capture must go on (the link and VAD keep running); the utterance
@@ -134,8 +141,8 @@ class SpeechPipeline:
         ready: list[OpenConversation] = []
         with self._lock:
             if len(self._rest):
-                self._frame(np.concatenate(
-                    [self._rest, np.zeros(FRAME_SAMPLES - len(self._rest), np.int16)]), ready)
+                pad = -len(self._rest) % FRAME_SAMPLES
+                self._frames(np.concatenate([self._rest, np.zeros(pad, np.int16)]), ready)
                 self._rest = np.zeros(0, dtype=np.int16)
             for ev in self._ep.flush(self.samples):
                 if ev.kind == "end":
@@ -200,12 +207,11 @@ class SpeechPipeline:
 
     # ------------------------------------------------------------------ per frame
 
-    def _frame(self, frame: np.ndarray, ready: list[OpenConversation]) -> None:
+    def _frame(self, frame: np.ndarray, prob: float, ready: list[OpenConversation]) -> None:
         start = self.samples
         end = start + FRAME_SAMPLES
         self.samples = end
         self._ring.append((start, frame))
-        prob = self._vad(frame)
         if self._utt is not None:
             self._utt.writer.write(frame)
         for ev in self._ep.push(start, prob):
