@@ -250,6 +250,7 @@ class AsrWorker:
         self._running = False
         self._current: Window | None = None
         self._busy_since = 0.0
+        self._on_drained: list[Callable[[], None]] = []
         self.windows_done = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -284,6 +285,20 @@ class AsrWorker:
             self._queue.append(window)
             self._cond.notify_all()
 
+    @property
+    def waiting(self) -> bool:
+        """Windows are queued behind the one in transcription (no lock: a deque's length is atomic)."""
+        return bool(self._queue)
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the queue is empty (now, if it is): the worker has taken its last
+        queued window, so a window submitted then is next. Called on the worker thread."""
+        with self._cond:
+            if self._queue:
+                self._on_drained.append(callback)
+                return
+        callback()
+
     def backlog_seconds(self) -> float:
         with self._cond:
             queued = sum(w.seconds for w in self._queue)
@@ -314,6 +329,14 @@ class AsrWorker:
                     return
                 window = self._current = self._queue.popleft()
                 self._busy_since = time.monotonic()
+                drained: list[Callable[[], None]] = []
+                if not self._queue:
+                    drained, self._on_drained = self._on_drained, []
+            for callback in drained:
+                try:
+                    callback()
+                except Exception:
+                    _LOGGER.exception("%s: a drained-queue callback failed", window.device)
             try:
                 self._process(window)
             finally:

@@ -87,6 +87,7 @@ class SpeechPipeline:
         self._convs: dict[Path, OpenConversation] = {}
         self._window: list[Utterance] = []
         self._window_conv: OpenConversation | None = None
+        self._flush_requested = False
         self._last_speech_end = 0  # stream sample
         self._min_speech = self._ep.min_speech_samples
         self._gap = int(config.conversation.gap_seconds * SAMPLE_RATE)
@@ -226,7 +227,7 @@ class SpeechPipeline:
                 self._start_utterance(ev.sample, ready, audio=tail)
         if self._utt is None:
             if self._window and end - self._last_speech_end >= self._flush_pause:
-                self._flush_window()
+                self._flush_paused_window()
             if self._conv is not None and end - self._last_speech_end >= self._gap:
                 self._close_conversation(self._conv, ready)
 
@@ -274,6 +275,23 @@ class SpeechPipeline:
             self._flush_window()
         self._window.append(utt)
         self._window_conv = conv
+
+    def _flush_paused_window(self) -> None:
+        """Speech paused: hand the window on, unless other windows already wait for the worker.
+        Then it would reach Whisper no sooner, and speech arriving meanwhile rides in the same
+        call (each call encodes 30 s whatever it holds); it goes once the queue drains."""
+        if not self.worker.waiting:
+            self._flush_window()
+        elif not self._flush_requested:
+            self._flush_requested = True
+            self.worker.when_drained(self._on_worker_drained)
+
+    def _on_worker_drained(self) -> None:
+        with self._lock:
+            self._flush_requested = False
+            if (self._window and self._utt is None
+                    and self.samples - self._last_speech_end >= self._flush_pause):
+                self._flush_window()
 
     def _window_samples(self) -> int:
         return sum(u.samples for u in self._window) + self._glue * (len(self._window) - 1)
