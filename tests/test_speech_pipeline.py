@@ -150,6 +150,9 @@ def test_silence_longer_than_the_gap_splits_conversations(tmp_path: Path, worker
     feed(pipeline, np.concatenate([silence(1.0), a, silence(8.0), b, silence(1.0)]))
     first = got.wait_for(1)  # closed by the gap while the stream goes on
     assert len(first) == 1 and pipeline.in_conversation
+    # What `omi-bridge status` shows as "conversation open since": the second one, not the first.
+    assert pipeline.conversation_started_at is not None
+    assert pipeline.conversation_started_at - first[0].finished_at > timedelta(seconds=7)
     pipeline.close()
     one, two = got.wait_for(2)
     for conv in (one, two):
@@ -245,3 +248,25 @@ def test_a_conversation_reaching_max_seconds_is_closed_and_the_next_one_continue
         assert (a.finished_at - a.started_at).total_seconds() <= 5.0 + Config().vad.max_utterance_seconds
     words = normalise(" ".join(text_of(c) for c in convs))
     assert "fellow americans" in words and "your country" in words
+
+
+def test_while_the_worker_is_behind_paused_speech_is_packed_into_fewer_calls(tmp_path: Path, model) -> None:
+    got = Collector()
+    worker = AsrWorker(AsrOptions(), model=model)  # not started yet: a worker busy with others
+    pipeline = SpeechPipeline("AA:BB:CC:DD:EE:06", config(tmp_path), worker, got, anchor=ANCHOR)
+    pause = silence(Config().asr.flush_pause_seconds + 1.0)
+    for name in ("ljspeech/LJ001-0004.wav", "ljspeech/LJ001-0013.wav", "ljspeech/LJ001-0006.wav"):
+        feed(pipeline, np.concatenate([clip(name), pause]))
+    # The first window went to the queue at its pause; the other two utterances, each followed
+    # by a pause as long, wait for the queue to drain and then go in one call.
+    worker.start()
+    try:
+        assert worker.wait_idle(TIMEOUT)
+        assert worker.windows_done == 2
+        assert pipeline.backlog_seconds() == 0
+        pipeline.close()
+        (conv,) = got.wait_for(1)
+    finally:
+        worker.stop()
+    words = normalise(text_of(conv))
+    assert "block books" in words and "ugly" in words and "passing" in words
