@@ -413,7 +413,7 @@ class Daemon:
         devices = []
         for d in self.devices:
             stats = d.stats.as_json()
-            conv = getattr(d.pipeline, "_conv", None)
+            conv_start = getattr(d.pipeline, "conversation_started_at", None)
             devices.append({
                 "name": d.device.label, "address": d.device.address, "kind": d.device.kind,
                 "connected": d.stats.connected,
@@ -423,7 +423,7 @@ class Daemon:
                 "battery": d.stats.battery, "firmware": d.stats.firmware,
                 "last_audio_at": stats["last_audio_at"],
                 "conversation_open": bool(getattr(d.pipeline, "in_conversation", False)),
-                "conversation_started_at": conv.started_at.isoformat() if conv is not None else None,
+                "conversation_started_at": conv_start.isoformat() if conv_start is not None else None,
                 "link": stats,
             })
         health: dict[str, Any] = {}

@@ -206,6 +206,12 @@ class SpeechPipeline:
     def in_conversation(self) -> bool:
         return self._conv is not None
 
+    @property
+    def conversation_started_at(self) -> datetime | None:
+        """Wall-clock start of the open conversation (its first speech minus pre-pad), or None."""
+        conv = self._conv
+        return conv.started_at if conv is not None else None
+
     # ------------------------------------------------------------------ per frame
 
     def _frame(self, frame: np.ndarray, prob: float, ready: list[OpenConversation]) -> None:
