@@ -41,6 +41,7 @@ from bridge.devices.base import SAMPLE_RATE, LinkStats
 from bridge.sim.audio import demo_speech_path, load_pcm16k
 from bridge.speech.asr import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
+from bridge.speech.vad import BATCH_FRAMES
 
 CAPTURE_GOAL_PERCENT = 1.0
 STREAMS_GOAL = 20
@@ -79,19 +80,27 @@ def fifty_fifty(seconds: float, rotate: int) -> np.ndarray:
     return np.roll(pcm, shift)[:need]
 
 
-def silero_us_per_frame(notifs: list[bytes]) -> float:
-    """CPU µs of one Silero call on this machine (performance-notes.md §3 measured 58 µs)."""
+def silero_us_per_frame(notifs: list[bytes]) -> tuple[float, float, float]:
+    """CPU µs per 32 ms frame of the stream as the pipeline runs Silero (batches, level gate), the
+    share of frames the gate skipped, and µs per frame of one frame per run without the gate
+    (performance-notes.md §3 measured 58 µs that way, on a Zen 5 core with AVX-512)."""
     from bench.paths import omi_decode
-    from bridge.speech.vad import FRAME_SAMPLES, SileroVad
+    from bridge.config import VadOptions
+    from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, SileroVad
 
     pcm = omi_decode(notifs)
-    frames = [f for f in pcm[: len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
-              if f.any()]
-    vad = SileroVad()
+    frames = pcm[: len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+    vad = SileroVad(VadOptions().min_level_dbfs)
+    t0 = time.process_time()
+    for i in range(0, len(frames), BATCH_FRAMES):
+        vad.probs(frames[i:i + BATCH_FRAMES])
+    batched = (time.process_time() - t0) / max(1, len(frames)) * 1e6
+    single = SileroVad(None)
     t0 = time.process_time()
     for f in frames:
-        vad(f)
-    return (time.process_time() - t0) / max(1, len(frames)) * 1e6
+        single(f)
+    one_by_one = (time.process_time() - t0) / max(1, len(frames)) * 1e6
+    return batched, vad.gated / max(1, len(frames)), one_by_one
 
 
 def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, float]:
@@ -140,12 +149,13 @@ def run(res: Results) -> None:
         full = [capture_pass(notifs, Path(tmp)) / seconds * 100 for _ in range(runs)]
     link = [link_pass(CODEC_OPUS_20MS, notifs, MTU_NORMAL) / seconds * 100 for _ in range(runs)]
     pct = median(full)
-    silero = silero_us_per_frame(notifs)
+    silero, gated, one_by_one = silero_us_per_frame(notifs)
     res.add("capture_cpu", f"{pct:.2f} % of a core", ok=pct <= CAPTURE_GOAL_PERCENT,
             ratio=pct / CAPTURE_GOAL_PERCENT,
             note=f"of which link (reassembly + Opus + PLC) {median(link):.2f} %, Silero {silero:.0f} µs per "
-                 f"32 ms frame = {silero / 320:.2f} %; {seconds:g} s stream, "
-                 f"MTU 247, 2 % loss; median of {runs} ({spread(full)} %)")
+                 f"32 ms frame = {silero / 320:.2f} % ({BATCH_FRAMES} frames per run, {gated:.0%} of frames "
+                 f"below the level gate; one frame per run, no gate: {one_by_one:.0f} µs); {seconds:g} s "
+                 f"stream, MTU 247, 2 % loss; median of {runs} ({spread(full)} %)")
     print(f"capture: {pct:.3f} % of a core (link alone {median(link):.3f} %)")
 
     n_streams, length = (2, 5.0) if res.quick else (12, 60.0)
@@ -177,9 +187,11 @@ def run(res: Results) -> None:
         f"| bound from the ASR worker alone | {n_asr:.1f} |", "",
         f"The worker is the limit: {best['asr_busy'] / max(1, best['windows']):.2f} s per Whisper call, "
         f"{best['windows']:.0f} calls for {best['speech']:.0f} s of utterances. Every call encodes a 30 s "
-        "window whatever its length, and here each clip is followed by as much silence, so most "
-        "windows are flushed after the 3 s pause (`[asr] flush_pause_seconds`) holding one short "
-        "utterance. A longer flush pause packs more speech per call (more streams, later text); "
+        "window whatever its length (≈ 0.6 s of encoder on this VM). Each clip is followed by as much "
+        "silence, so an idle worker would get one utterance per call after the "
+        "`[asr] flush_pause_seconds` pause; while windows queue for the worker, a paused window "
+        f"waits and gathers the speech that follows, so {n_streams} streams × "
+        f"{best['speech'] / n_streams:.0f} s of speech need about {best['windows']:.0f} calls. "
         "`[asr] cpu_threads = 2` (``concurrent(..., threads=2)``) gave no gain when tried on this "
         "machine: the capture thread and everything else want the second core.", "",
         "If the pipeline clears S stream-seconds in W s, N live streams produce N stream-seconds per "
