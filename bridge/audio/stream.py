@@ -2,14 +2,20 @@
 
 Built fresh on every connect (new depacketizer, new decoder: omi-device.md §6.2); the timeline
 and the ``LinkStats`` outlive connections. Cheap enough to run inside the notification callback
-(about 20 µs per Opus frame, see ``bench/link.py``).
+(about 20 µs per Opus frame, see ``bench/link.py``); ``push_batch`` takes the several
+notifications one batched read delivers (bridge/devices/notify.py) and writes their audio to the
+timeline in one piece, so per-write costs downstream (VAD framing, spooling) are paid once per
+batch, not once per frame.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
+
+import numpy as np
 
 from bridge.audio.codecs import Decoder, make_decoder
 from bridge.audio.depacketize import Depacketizer, Frame, max_fragment_for_mtu
@@ -42,6 +48,15 @@ class AudioStream:
         self.last_packet_at = now
         self._handle(self.depacketizer.push(packet), now)
 
+    def push_batch(self, packets: Sequence[bytes | bytearray], at: float) -> None:
+        """Several notifications in arrival order, the last of which had arrived by ``at``."""
+        self.last_packet_at = at
+        push = self.depacketizer.push
+        events: list = []
+        for packet in packets:
+            events += push(packet)
+        self._handle(events, at)
+
     def close(self) -> None:
         """The connection ended: decode a held frame and the resampler's lookahead."""
         now = time.monotonic()
@@ -52,12 +67,13 @@ class AudioStream:
         self._sync_stats()
 
     def _handle(self, events: list, now: float) -> None:
-        for event in events:
-            if isinstance(event, Frame):
-                pcm = self.decoder.decode(event.payload)
-            else:
-                pcm = self.decoder.conceal(event.frames)
-            self.timeline.audio(pcm, at=now)
+        decoder = self.decoder
+        pcms = [decoder.decode(e.payload) if isinstance(e, Frame) else decoder.conceal(e.frames)
+                for e in events]
+        if len(pcms) == 1:
+            self.timeline.audio(pcms[0], at=now)
+        elif pcms:
+            self.timeline.audio(np.concatenate(pcms), at=now)
         self._sync_stats()
         if events and now - self._audio_stamped >= _STAMP_SECONDS:
             self._audio_stamped = now

@@ -12,7 +12,6 @@ battery notifications or time sync still streams.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
-from bleak.exc import BleakDBusError
+from bleak.exc import BleakCharacteristicNotFoundError
 
 from bridge.audio.codecs import CODEC_NAMES
 from bridge.audio.stream import AudioStream
@@ -35,6 +34,7 @@ from bridge.devices.gatt import (
     OMI_MIN_MTU,
     OMI_TIME_SYNC,
 )
+from bridge.devices.notify import BatchedNotifications
 from bridge.devices.supervisor import SessionContext
 from bridge.errors import UnknownCodecError
 
@@ -46,12 +46,6 @@ ATT_WRITE_OVERHEAD = 3
 
 DEFAULT_ATT_MTU = 23
 """The minimum ATT MTU; bleak reports it when it does not know better (Core Vol 3 Part F §3.2.8)."""
-
-SUBSCRIBE_ATTEMPTS = 3
-SUBSCRIBE_RETRY_SECONDS = 0.2
-"""BlueZ may still hold the notify session ``_acquire_mtu()`` opened (AcquireNotify; released
-when its fd closes) when we subscribe; a short retry covers that window."""
-
 
 async def acquire_mtu(client: BleakClient, char: BleakGATTCharacteristic | None = None) -> int | None:
     """The negotiated ATT MTU, or None if the backend cannot tell.
@@ -88,6 +82,7 @@ class OmiSession:
         self.stream: AudioStream | None = None
         self.mtu: int | None = None
         self.started_at = time.monotonic()
+        self.notifications: BatchedNotifications | None = None
         self._on_button = ctx.extra.get("on_button")
 
     @property
@@ -111,16 +106,14 @@ class OmiSession:
         _LOGGER.info("%s codec %d (%s), MTU %s", self.label, codec, CODEC_NAMES[codec], self.mtu)
 
         await self._extras(client)
-        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
-            try:
-                await client.start_notify(OMI_AUDIO_DATA, self._on_audio)
-                break
-            except BleakDBusError as exc:
-                if attempt == SUBSCRIBE_ATTEMPTS or exc.dbus_error not in (
-                        "org.bluez.Error.NotPermitted", "org.bluez.Error.InProgress"):
-                    raise
-                _LOGGER.debug("%s audio subscribe: %s; retrying", self.label, exc)
-                await asyncio.sleep(SUBSCRIBE_RETRY_SECONDS)
+        # AcquireNotify read in batches (StartNotify when BlueZ refuses): the idle CPU budget
+        # cannot pay for a D-Bus signal or a loop wake-up per notification (notify.py).
+        self.notifications = BatchedNotifications(self.label, self.stream.push_batch)
+        audio = client.services.get_characteristic(OMI_AUDIO_DATA)
+        if audio is None:
+            raise BleakCharacteristicNotFoundError(OMI_AUDIO_DATA)
+        mode = await self.notifications.async_start(client, audio)
+        _LOGGER.debug("%s audio notifications: %s", self.label, mode)
 
     async def _extras(self, client: BleakClient) -> None:
         stats = self.ctx.stats
@@ -152,10 +145,6 @@ class OmiSession:
             except Exception as exc:
                 _LOGGER.debug("%s button: %s", self.label, exc)
 
-    def _on_audio(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
-        assert self.stream is not None
-        self.stream.push(data)
-
     def _on_battery(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
         if data:
             self.ctx.stats.battery = data[0]
@@ -172,5 +161,7 @@ class OmiSession:
                 _LOGGER.exception("%s button handler failed", self.label)
 
     def connection_lost(self) -> None:
+        if self.notifications is not None:
+            self.notifications.close()  # hands on buffered packets and releases the socket
         if self.stream is not None:
             self.stream.close()
