@@ -97,3 +97,19 @@ def test_scan_json_lists_the_pendant(simulator, tmp_path: Path):
     found = json.loads(result.stdout)
     assert [(d["address"], d["kind"], d["name"]) for d in found] == [(ADDRESS, "omi", "Omi")]
     assert isinstance(found[0]["rssi"], int)
+
+
+def test_frame_listen_names_its_pcm_format_and_a_silent_frame_is_not_called_unreachable():
+    from datetime import UTC, datetime
+
+    from bridge.config import Config, DeviceConfig
+    from bridge.devices.base import LinkStats
+    from bridge.devices.listen import _no_audio_error, audio_format
+
+    frame = DeviceConfig("frame", "AA:BB:CC:DD:EE:01")
+    assert audio_format(frame, Config(), None) == "pcm 16-bit 8 kHz (Frame)"
+    # Frame has no codec byte: a Frame that connected but sent nothing was reported as "could not
+    # connect", sending the user to check range and pairing instead of the glasses.
+    stats = LinkStats(connected_since=datetime.now(UTC))
+    assert "connected but sent no audio" in str(_no_audio_error(frame, stats, connected=True))
+    assert "could not connect" in str(_no_audio_error(frame, LinkStats(), connected=False))

@@ -106,7 +106,7 @@ async def _async_record(sink: WavFileSink, device: DeviceConfig, config: Config,
         if task in done:
             task.result()  # raises the session's BridgeError (e.g. unknown codec)
         if not sink.first_audio.is_set():
-            raise _no_audio_error(device, link.stats)
+            raise _no_audio_error(device, link.stats, connected=link.stats.connected_since is not None)
         assert link.timeline.anchor is not None
         deadline = link.timeline.anchor + seconds
         with contextlib.suppress(TimeoutError):
@@ -124,6 +124,7 @@ async def _async_record(sink: WavFileSink, device: DeviceConfig, config: Config,
         "address": device.address,
         "kind": device.kind,
         "codec": s.codec,
+        "format": audio_format(device, config, s.codec),
         "seconds": round(sink.samples / SAMPLE_RATE, 3),
         "packets": s.packets,
         "frames": s.frames,
@@ -137,13 +138,30 @@ async def _async_record(sink: WavFileSink, device: DeviceConfig, config: Config,
     }
 
 
-def _no_audio_error(device: DeviceConfig, stats: LinkStats) -> BridgeError:
-    if stats.codec is None:
+def audio_format(device: DeviceConfig, config: Config, codec: int | None) -> str:
+    """What the device streams, for people: Omi's codec byte, or Frame's configured PCM (Frame
+    has no codec byte: its format is what we asked for, frame.md)."""
+    if device.kind == "frame":
+        return f"pcm {config.frame.bit_depth}-bit {config.frame.sample_rate / 1000:g} kHz (Frame)"
+    if codec is None:
+        return "?"
+    return f"{codec} ({CODEC_NAMES.get(codec, '?')})"
+
+
+def _no_audio_error(device: DeviceConfig, stats: LinkStats, *, connected: bool) -> BridgeError:
+    """``connected``: a connection was made (and set up) at least once. Not the codec byte:
+    Frame has none, so a Frame that connected but sent nothing was reported as unreachable."""
+    if not connected:
         return BridgeError(
             f"could not connect to {device.address} in {FIRST_AUDIO_TIMEOUT:g} s"
             + (f" ({stats.last_error})" if stats.last_error else ""),
             "is it on, in range and not connected to a phone (Omi takes one connection)? "
             "`omi-bridge scan` lists what is nearby")
+    if device.kind == "frame":
+        return BridgeError(
+            f"{device.address} connected but sent no audio in {FIRST_AUDIO_TIMEOUT:g} s",
+            "check the glasses are awake and not running another app; run with -v to see "
+            "what the Frame answered")
     return BridgeError(
         f"{device.address} connected but sent no audio in {FIRST_AUDIO_TIMEOUT:g} s",
         "a low ATT MTU (< 100) makes Omi send nothing; run with -v to see the MTU, and "
@@ -151,11 +169,10 @@ def _no_audio_error(device: DeviceConfig, stats: LinkStats) -> BridgeError:
 
 
 def _print_text(r: dict[str, Any]) -> None:
-    codec = r["codec"]
-    codec_text = f"{codec} ({CODEC_NAMES.get(codec, '?')})" if codec is not None else "?"
     print(f"{r['address']} ({r['kind']}): {r['seconds']:.2f} s of audio"
           + (f" written to {r['wav']}" if r["wav"] else ""))
-    print(f"  codec {codec_text}, firmware {r['firmware'] or '?'}, battery "
+    label = "format" if r["kind"] == "frame" else "codec"
+    print(f"  {label} {r['format']}, firmware {r['firmware'] or '?'}, battery "
           + (f"{r['battery']} %" if r["battery"] is not None else "?"))
     print(f"  packets {r['packets']}, frames {r['frames']}, lost {r['lost_frames']} (concealed), "
           f"duplicates {r['duplicates']}, malformed {r['malformed']}, reconnects {r['reconnects']}")
