@@ -15,6 +15,21 @@ Rules that keep the total length equal to the wall-clock span (within about one 
   the new frame's start (arrival − frame duration) measured from the anchor, then the audio.
   If we were already past that point (can only happen by less than the margin plus network
   jitter), nothing is inserted.
+- **Connected but quiet (``quiet()``):** newer Omi firmware may stop notifying during silence
+  while staying connected (AAD, omi-device.md §5.2). Once no audio has arrived for longer than
+  ``QUIET_SECONDS`` (well above BLE jitter and the firmware's retries), ``quiet()``, called about
+  once a second by the link, opens a gap exactly like a link outage and fills silence up to
+  ``now − CATCH_UP_MARGIN``. The next audio closes the gap with the "first audio after the gap"
+  rule above, so a pause costs no timer per frame and no reconnect.
+- **Late audio after a fill (no double count):** if audio that the device produced during the
+  quiet spell arrives late (delivery stalled, not paused: the index continues either way, so we
+  cannot tell in advance), its start lies before the end of the silence already written. Audio
+  is never dropped: it is appended, and the timeline then runs ahead of wall clock by the
+  overlap, counted in ``ahead_samples``. Every later fill aims at the wall-clock position from
+  the anchor, never at "timeline end + gap", so the next gap (quiet or outage) is shortened by
+  exactly that overlap: the double-counted stretch is paid back, and the total length meets wall
+  clock again at the next gap. The overlap is bounded by what the device can hold back (its
+  64-frame transmit queue, 1.28 s of 20 ms frames, §5.3).
 - **``finish(at)``:** pads silence up to ``at`` (e.g. ``listen --seconds`` end).
 
 Times come from ``time.monotonic()`` (immune to NTP steps); ``started_at`` is the matching
@@ -35,6 +50,11 @@ CATCH_UP_MARGIN = 0.25
 """Seconds behind wall clock that silence filling stops during an outage: more than BLE
 delivery latency (~10–50 ms), small enough that a conversation's gap timer barely notices."""
 
+QUIET_SECONDS = 1.0
+"""A connected device that sent no audio for longer than this is treated as paused (AAD,
+omi-device.md §5.2): far above BLE delivery jitter (~10–50 ms) and the firmware's notification
+retries (3 × 1 ms, §5.3), short enough that downstream conversation timers see time pass."""
+
 _SILENCE_CHUNK = SAMPLE_RATE
 """Silence is written in chunks of at most one second so sinks never get a huge array."""
 
@@ -51,7 +71,11 @@ class AudioTimeline:
         """Wall-clock time of sample 0."""
         self.samples_written = 0
         self.silence_samples = 0
-        """Samples of outage silence (not concealment) written."""
+        """Samples of outage and quiet-spell silence (not concealment) written."""
+        self.ahead_samples = 0
+        """Samples of late audio that overlapped silence already written (see the module rules)."""
+        self.last_audio_at: float | None = None
+        """Monotonic time of the last ``audio()`` call."""
         self._gap_open = False
 
     @property
@@ -72,8 +96,11 @@ class AudioTimeline:
             self.started_at = datetime.now(UTC) - timedelta(seconds=len(pcm) / SAMPLE_RATE)
         elif self._gap_open:
             start = now - len(pcm) / SAMPLE_RATE
-            self._silence_to(start)
+            if not self._silence_to(start):
+                self.ahead_samples += max(0, self.samples_written
+                                          - round((start - self.anchor) * SAMPLE_RATE))
         self._gap_open = False
+        self.last_audio_at = now
         self._write(pcm)
 
     def link_down(self) -> None:
@@ -85,6 +112,18 @@ class AudioTimeline:
         if not self._gap_open or self.anchor is None:
             return 0
         now = self._clock() if now is None else now
+        return self._silence_to(now - CATCH_UP_MARGIN)
+
+    def quiet(self, now: float | None = None) -> int:
+        """While connected: if no audio came for ``QUIET_SECONDS``, open a gap and write silence
+        up to wall clock minus the margin, as during an outage; returns samples written."""
+        if self.anchor is None or self.last_audio_at is None:
+            return 0
+        now = self._clock() if now is None else now
+        if not self._gap_open:
+            if now - self.last_audio_at <= QUIET_SECONDS:
+                return 0
+            self._gap_open = True
         return self._silence_to(now - CATCH_UP_MARGIN)
 
     def finish(self, at: float | None = None) -> int:

@@ -31,7 +31,8 @@ device's config, the ``AudioTimeline`` and the ``LinkStats``.
 link.run(stop)`` until ``stop`` is set (``link.stats``, ``link.timeline.started_at`` and
 ``link.supervisor.connected_event`` / ``disconnected_event`` are there to watch). It picks
 the session class by ``DeviceConfig.kind`` from ``SESSION_KINDS`` and, about once a second,
-lets the timeline catch up with wall clock while the link is down and reports ``LinkStats``
+lets the timeline catch up with wall clock while the link is down or the device is connected
+but quiet (``AudioTimeline.quiet``) and reports ``LinkStats``
 through ``on_stats``.
 
 Policy (style.md, Home Assistant's bleak-retry-connector):
@@ -455,6 +456,10 @@ class DeviceLink:
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
             if not self.stats.connected:
                 self.timeline.catch_up()
+            else:
+                # A pendant may pause notifications on silence yet stay connected (AAD,
+                # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile.
+                self.timeline.quiet()
             self.stats.samples_written = self.timeline.samples_written
             self._report()
 

@@ -219,6 +219,8 @@ class OmiStats:
     """Frames with at least one fragment lost in the air (host sees an index gap)."""
     frames_offline: int = 0
     """Frames produced while no central was connected (to the SD card, never replayed)."""
+    frames_paused: int = 0
+    """Frames not produced while the microphone was paused (``pause_notifications``)."""
     frames_unsubscribed: int = 0
     """Frames discarded while connected but not subscribed, or MTU below 100 (§5.2)."""
     notifications_sent: int = 0
@@ -256,6 +258,10 @@ class OmiModel(DeviceModel):
     """Seconds after ``start()`` at which the link is lost."""
     out_of_range: Sequence[tuple[float, float]] = ()
     """[t0, t1) periods (seconds after ``start()``) out of range: link lost, no advertising."""
+    pause_notifications: Sequence[tuple[float, float]] = ()
+    """[t0, t1) periods (seconds after ``start()``) in which the firmware pauses the microphone on
+    silence while staying connected (AAD, omi-device.md §5.2): no frames, no notifications, no
+    index consumed; the link and the subscription stay up."""
     battery: int = 87
     battery_drain_s: float | None = None
     """Seconds per 1 % battery drop (None: constant level)."""
@@ -268,7 +274,7 @@ class OmiModel(DeviceModel):
     frame_log: deque[tuple[int, float, int | None, str]] = field(
         default_factory=lambda: deque(maxlen=FRAME_LOG_LIMIT), repr=False)
     """Per produced frame: (frame number, due time on the loop clock, first index or None,
-    status: "sent", "lost", "offline", "unsubscribed"); the most recent FRAME_LOG_LIMIT."""
+    status: "sent", "lost", "offline", "unsubscribed", "paused"); the most recent FRAME_LOG_LIMIT."""
 
     def __post_init__(self) -> None:
         if not self.advertised_uuids:
@@ -475,6 +481,11 @@ class OmiModel(DeviceModel):
             pcm = self.frame_audio(n)
             if pcm is None:
                 return  # after_clip="stop": the microphone is done
+            if self._paused(due - self.clock_start):
+                self.stats.frames_paused += 1
+                self.frame_log.append((n, due, None, "paused"))
+                n += 1
+                continue
             # Encode every frame, connected or not: the firmware's encoder runs continuously,
             # so its state after a reconnect is what the real device's would be.
             frame = self._encoder.encode(pcm)
@@ -482,6 +493,9 @@ class OmiModel(DeviceModel):
             first, status = await self._push(frame)
             self.frame_log.append((n, due, first, status))
             n += 1
+
+    def _paused(self, t: float) -> bool:
+        return any(t0 <= t < t1 for t0, t1 in self.pause_notifications)
 
     async def _push(self, frame: bytes) -> tuple[int | None, str]:
         """transport.c push_to_gatt(): header + slice per notification (§5.1, §5.2)."""
