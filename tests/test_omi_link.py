@@ -74,6 +74,21 @@ class TimelineSink(WavSink):
                 await self.grew.wait_for(lambda: self.samples >= n)
 
 
+def seqpacket_sockets() -> int:
+    """SOCK_SEQPACKET sockets this process holds (AcquireNotify fds; /proc/net/unix type 0005)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if len(r) >= 7 and r[4] == "0005" and r[6] in inodes)
+
+
 def outage_after_first_audio(model: OmiModel) -> int:
     """Frames the pendant produced while disconnected, after it first streamed."""
     statuses = [status for _n, _due, _idx, status in model.frame_log]
@@ -209,6 +224,34 @@ async def test_a_pendant_that_pauses_on_silence_keeps_the_timeline_on_wall_clock
     assert abs(written - (end - tl.anchor) * SAMPLE_RATE) <= model.frame_samples + LATENCY
     # The pause became silence of its length, once: filled while quiet, met by the resumed audio.
     assert abs(tl.silence_samples - (pause[1] - pause[0]) * SAMPLE_RATE) <= model.frame_samples + LATENCY
+
+
+@pytest.mark.parametrize("refused", [None, "org.bluez.Error.NotSupported", "org.bluez.Error.Failed"])
+async def test_audio_arrives_by_acquire_notify_or_falls_back_to_start_notify(fake_bluez, refused):
+    model = OmiModel(after_clip="loop")
+    await fake_bluez.add_device(model)
+    dev = fake_bluez.device(model.address)
+    if refused:
+        dev.acquire_notify_error = (refused, "refused")
+    sink = TimelineSink()
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await sink.wait_samples(100 * model.frame_samples, TIMEOUT)
+    audio = dev.chars[AUDIO_DATA_UUID].notify
+    # The cheap path (one socket, read in batches) unless BlueZ refuses it; audio flows either way.
+    assert (audio.sock is not None, bool(audio.clients)) == ((False, True) if refused else (True, False))
+    leaked = []  # notification sockets still open in this process (ours or the fake's) when down
+    for _ in range(2):
+        dev.drop_link()
+        await asyncio.wait_for(link.supervisor.disconnected_event.wait(), TIMEOUT)
+        leaked.append(seqpacket_sockets())
+        await asyncio.wait_for(link.supervisor.connected_event.wait(), TIMEOUT)
+    stop.set()  # and our own disconnect
+    await asyncio.wait_for(task, TIMEOUT)
+    leaked.append(seqpacket_sockets())
+    assert link.stats.lost_frames == 0 and link.stats.reconnects == 2
+    assert leaked == [0, 0, 0]
 
 
 async def test_watchdog_remakes_a_link_that_went_quiet(fake_bluez):

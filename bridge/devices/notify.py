@@ -40,7 +40,7 @@ from typing import Any
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
-from bleak.exc import BleakDBusError
+from bleak.exc import BleakDBusError, BleakGATTProtocolError, BleakGATTProtocolErrorCode
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ class BatchedNotifications:
                     await asyncio.sleep(ACQUIRE_RETRY_SECONDS)
                     continue
                 if exc.dbus_error not in _FALLBACK_ERRORS:
+                    raise
+                return await self._start_notify(client, char, exc)
+            except BleakGATTProtocolError as exc:
+                # bleak turns BlueZ's NotSupported into this for AcquireNotify (assert_gatt_reply).
+                if exc.code != BleakGATTProtocolErrorCode.REQUEST_NOT_SUPPORTED:
                     raise
                 return await self._start_notify(client, char, exc)
             except (IndexError, KeyError, TypeError) as exc:  # no fd in the reply (bus without fd passing)

@@ -176,6 +176,9 @@ class FakeDevice:
         self.connect_delay = 0.0
         self.resolve_delay = 0.0
         self.disconnect_delay = 0.0
+        self.acquire_notify_error: tuple[str, str] | None = None
+        """(error name, text) every AcquireNotify answers, e.g. (ERR_NOT_SUPPORTED, ...) for a
+        BlueZ or characteristic that refuses it: clients must fall back to StartNotify."""
         self.requires_bond = False
         """Every characteristic behaves as encrypted (needs Pair first)."""
         self.pair_error: tuple[str, str] | None = None
@@ -1022,6 +1025,8 @@ class FakeBluez:
             dev._set_notifying(ch, was)
             return None
         if member == "AcquireNotify":
+            if dev.acquire_notify_error is not None:
+                raise BluezError(*dev.acquire_notify_error)
             if not ch.can_notify:
                 raise BluezError(ERR_NOT_SUPPORTED, "Operation is not supported")
             if ch.notify.sock is not None:
