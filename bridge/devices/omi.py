@@ -75,6 +75,9 @@ class OmiSession:
     """One connection to an Omi pendant."""
 
     SERVICE_UUIDS = (OMI_AUDIO_SERVICE,)
+    FILL_QUIET = True
+    """Newer firmware may stop notifying during silence while connected (AAD, omi-device.md
+    §5.2): the link fills such quiet spells with wall-clock silence (``AudioTimeline.quiet``)."""
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx

@@ -434,6 +434,9 @@ class DeviceLink:
         self.on_stats = on_stats
         self.context = SessionContext(device, self.timeline, self.stats, options, dict(extra or {}))
         cls = session_class(device.kind)
+        self._fill_quiet = bool(getattr(cls, "FILL_QUIET", False))
+        """Sessions whose device may go quiet while connected set ``FILL_QUIET`` (Omi); Frame
+        reports its mic pauses itself and opens the gap on that signal."""
         self.supervisor = LinkSupervisor(
             device, options, lambda: cls(self.context), self.stats,
             service_uuids=cls.SERVICE_UUIDS, raise_errors=raise_errors,
@@ -456,7 +459,7 @@ class DeviceLink:
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
             if not self.stats.connected:
                 self.timeline.catch_up()
-            else:
+            elif self._fill_quiet:
                 # A pendant may pause notifications on silence yet stay connected (AAD,
                 # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile.
                 self.timeline.quiet()
