@@ -50,10 +50,11 @@ CATCH_UP_MARGIN = 0.25
 """Seconds behind wall clock that silence filling stops during an outage: more than BLE
 delivery latency (~10–50 ms), small enough that a conversation's gap timer barely notices."""
 
-QUIET_SECONDS = 1.0
+QUIET_SECONDS = 2.0
 """A connected device that sent no audio for longer than this is treated as paused (AAD,
-omi-device.md §5.2): far above BLE delivery jitter (~10–50 ms) and the firmware's notification
-retries (3 × 1 ms, §5.3), short enough that downstream conversation timers see time pass."""
+omi-device.md §5.2). Longer than what a delivery stall can hand back late: the firmware's
+64-frame transmit queue holds 1.28 s of 20 ms frames (§5.3), so a shorter silence may be audio
+still on its way, not a pause; short enough that conversation timers see time pass."""
 
 _SILENCE_CHUNK = SAMPLE_RATE
 """Silence is written in chunks of at most one second so sinks never get a huge array."""

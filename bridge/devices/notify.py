@@ -143,6 +143,12 @@ class BatchedNotifications:
         self.mode = "start"
         return self.mode
 
+    def flush(self) -> None:
+        """Read and hand on whatever is buffered now (cheap when nothing is)."""
+        if not self._closed:
+            self._drain()
+            self._deliver(time.monotonic())
+
     def close(self) -> None:
         """The connection is over: hand on what is buffered, release the socket (idempotent)."""
         if self._closed:

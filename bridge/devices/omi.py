@@ -163,6 +163,11 @@ class OmiSession:
             except Exception:
                 _LOGGER.exception("%s button handler failed", self.label)
 
+    def flush(self) -> None:
+        """Hand on notifications still buffered (the link's quiet check calls this first)."""
+        if self.notifications is not None:
+            self.notifications.flush()
+
     def connection_lost(self) -> None:
         if self.notifications is not None:
             self.notifications.close()  # hands on buffered packets and releases the socket

@@ -220,6 +220,8 @@ class LinkSupervisor:
         self._rand = rand
         self._expected_disconnect = False
         self._lost = asyncio.Event()
+        self.session: Any = None
+        """The session of the current (or last) connection."""
         self._connections = 0
         self._last_kind: FailureKind | None = None
         self.connected_event = asyncio.Event()
@@ -310,6 +312,7 @@ class LinkSupervisor:
             await self._async_disconnect(client)
             return "stop"
         session = self._session_factory()
+        self.session = session
         try:
             async with asyncio.timeout(self.options.connect_timeout_seconds):
                 await session.async_start(client)
@@ -461,7 +464,12 @@ class DeviceLink:
                 self.timeline.catch_up()
             elif self._fill_quiet:
                 # A pendant may pause notifications on silence yet stay connected (AAD,
-                # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile.
+                # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile. Packets
+                # still buffered (a stalled loop) are handed on first, so they are not taken
+                # for a pause.
+                flush = getattr(self.supervisor.session, "flush", None)
+                if flush is not None:
+                    flush()
                 self.timeline.quiet()
             self.stats.samples_written = self.timeline.samples_written
             self._report()
