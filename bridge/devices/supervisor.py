@@ -8,6 +8,9 @@ Frame driver). A session is anything with this shape::
     class MySession:
         SERVICE_UUIDS: tuple[str, ...]      # class attribute: how to find the device among
                                             # those BlueZ already holds connected (re-attach)
+        FILL_QUIET: bool                    # optional class attribute: the device may stop
+                                            # sending while connected (AAD); the link then fills
+                                            # wall-clock silence (AudioTimeline.quiet)
         def __init__(self, ctx: SessionContext) -> None: ...
         last_activity: float | None         # monotonic time of the last data from the device;
                                             # the watchdog reconnects when it is older than
@@ -19,6 +22,8 @@ Frame driver). A session is anything with this shape::
             # treated as a transient failure of this connection.
         async def async_stop(self, client: BleakClient) -> None:
             # optional last words before *our own* disconnect (e.g. tell the device to stop)
+        def flush(self) -> None:
+            # optional: hand on data still buffered (called before the quiet check, FILL_QUIET)
         def connection_lost(self) -> None:
             # the connection is over, whichever way; called exactly once per started session.
             # Flush held audio here; the link then opens a gap in the timeline itself.
