@@ -21,7 +21,6 @@ includes how they share the two cores and the GIL.
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Results, config, load_corpus, median, model, spread
+from bench.common import Results, config, load_corpus, median, model, part_main, spread
 from bench.link import LOSS, packets
 from bench.link import one_pass as link_pass
 from bench.paths import MTU_NORMAL, omi_packets
@@ -202,14 +201,7 @@ def run(res: Results) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench capture", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = Results(quick=args.quick)
-    run(res)
-    for row in res.rows.values():
-        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
-    return 0
+    return part_main("capture", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ A benchmark adds ``Row``s (one figure next to its goal) and free-form detail sec
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,18 @@ class Results:
 def cpu_seconds() -> float:
     """This process's CPU time, all threads (CTranslate2 and onnxruntime compute in their own)."""
     return time.process_time()
+
+
+def part_main(name: str, doc: str | None, run: Callable[[Results], None],
+              argv: list[str] | None = None) -> int:
+    """``python -m bench NAME``: run one part and print its rows (and sections) to the terminal."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench {name}", description=(doc or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the seconds-long version the smoke test runs")
+    args = ap.parse_args(argv)
+    res = Results(quick=args.quick)
+    run(res)
+    for row in res.rows.values():
+        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
+    for title, lines in res.sections:
+        print(f"\n{title}\n" + "\n".join(lines))
+    return 0

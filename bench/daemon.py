@@ -18,7 +18,6 @@ loopback. Each pendant says one clip after a lead-in, then streams encoded digit
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Results, load_corpus, median, silence, spread
+from bench.common import Results, load_corpus, median, part_main, silence, spread
 from bridge.devices.base import SAMPLE_RATE
 from bridge.sim.bus import PrivateBus
 from bridge.sim.omi_api import ApiKey, OmiApiSim
@@ -266,14 +265,7 @@ def run(res: Results) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench daemon", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = Results(quick=args.quick)
-    run(res)
-    for row in res.rows.values():
-        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
-    return 0
+    return part_main("daemon", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ request.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Results, config, load_corpus, median, model, p95, silence
+from bench.common import Results, config, load_corpus, median, model, p95, part_main, silence
 from bridge.config import ApiOptions, AsrOptions, LocationOptions
 from bridge.conversation import Conversation
 from bridge.devices.base import SAMPLE_RATE
@@ -102,14 +101,7 @@ def run(res: Results) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench delivery", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = Results(quick=args.quick)
-    run(res)
-    for row in res.rows.values():
-        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
-    return 0
+    return part_main("delivery", __doc__, run, argv)
 
 
 if __name__ == "__main__":

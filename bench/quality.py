@@ -26,7 +26,6 @@ model serves both. End of speech → segment ready comes from the speech owner's
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from bench.common import (
     median,
     model,
     p95,
+    part_main,
     silence,
     spread,
     wer,
@@ -226,16 +226,7 @@ def normalise_words(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one clip, one run (for the smoke test)")
-    args = ap.parse_args(argv)
-    res = Results(quick=args.quick)
-    run(res)
-    for row in res.rows.values():
-        print(f"{row.figure}: {row.measured}  (goal {row.goal}) {row.note}")
-    for title, lines in res.sections:
-        print(f"\n{title}\n" + "\n".join(lines))
-    return 0
+    return part_main("quality", __doc__, run, argv)
 
 
 if __name__ == "__main__":

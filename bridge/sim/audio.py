@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
+from bridge.audio.files import decode_file
 
 
 def demo_speech_path() -> Path:
@@ -17,17 +17,4 @@ def demo_speech_path() -> Path:
 
 def load_pcm16k(path: str | Path) -> np.ndarray:
     """Decode ``path`` and resample to 16 kHz mono int16 (what a device microphone gives)."""
-    import av
-
-    chunks: list[np.ndarray] = []
-    with av.open(str(path)) as container:
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    if not chunks:
-        return np.zeros(0, dtype=np.int16)
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.int16)
+    return decode_file(path)

@@ -20,6 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
+from bridge.audio.files import decode_file
 from bridge.config import Config, load_config
 from bridge.conversation import Conversation
 from bridge.devices.base import SAMPLE_RATE
@@ -33,30 +34,6 @@ FEED_SAMPLES = SAMPLE_RATE * 10
 DRAIN_TIMEOUT_SECONDS = 3600.0
 """Upper bound on waiting for the worker after the last file (hours of speech on a slow Pi)."""
 PROGRESS_WIDTH = 30
-
-
-def decode(path: str | Path) -> np.ndarray:
-    """Any file PyAV reads → int16 16 kHz mono (channels mixed down)."""
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (OSError, av.error.FFmpegError) as exc:
-        raise BridgeError(f"cannot read audio from {path}: {exc}",
-                          "pass an audio file ffmpeg understands (wav, flac, mp3, ogg, m4a ...)") from exc
-    with container:
-        if not container.streams.audio:
-            raise BridgeError(f"{path} has no audio stream", "pass an audio file")
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    if not chunks:
-        return np.zeros(0, dtype=np.int16)
-    return np.concatenate(chunks).astype(np.int16, copy=False)
 
 
 def file_session_id(digest: str, offset_seconds: float) -> str:
@@ -116,7 +93,7 @@ def transcribe_files(paths: Sequence[str], config: Config, worker: AsrWorker, *,
         p = Path(path)
         if not p.is_file():
             raise BridgeError(f"{path} is not a file", "pass audio files to transcribe")
-        pcm = decode(p)
+        pcm = decode_file(p)
         seconds = len(pcm) / SAMPLE_RATE
         digest = hashlib.sha256(p.read_bytes()).hexdigest()[:32]
         if next_start is None:
