@@ -57,7 +57,7 @@ def load_corpus(quick: bool = False) -> list[Clip]:
     root = corpus_dir()
     if root is None:
         return []
-    from bridge.speech.files import decode
+    from bridge.audio.files import decode_file as decode
 
     manifest = json.loads((root / "manifest.json").read_text())
     refs = {c["file"]: c.get("reference") for c in manifest["clips"]}

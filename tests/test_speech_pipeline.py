@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bridge.audio.files import decode_file as decode
 from bridge.config import AsrOptions, Config, ConversationOptions
 from bridge.conversation import Conversation
 from bridge.devices.base import SAMPLE_RATE
 from bridge.speech.asr import AsrWorker, load_model
-from bridge.speech.files import decode
 from bridge.speech.pipeline import SpeechPipeline
 
 pytestmark = pytest.mark.asr

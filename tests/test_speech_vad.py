@@ -81,7 +81,7 @@ def test_digital_silence_and_quiet_noise_read_as_no_speech() -> None:
 def _corpus_stream(gain_db: float) -> np.ndarray:
     if not (CORPUS / "manifest.json").exists():
         pytest.skip(f"speech corpus not found at {CORPUS} (it lives beside the project)")
-    from bridge.speech.files import decode
+    from bridge.audio.files import decode_file as decode
 
     names = ["jfk.flac", "ljspeech/LJ001-0002.wav", "ljspeech/LJ001-0004.wav", "ljspeech/LJ001-0006.wav",
              "ljspeech/LJ001-0008.wav", "ljspeech/LJ001-0013.wav"]

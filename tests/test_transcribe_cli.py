@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bridge.audio.files import decode_file as decode
 from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.files import decode
 
 pytestmark = pytest.mark.asr
 
