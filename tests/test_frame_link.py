@@ -172,6 +172,7 @@ async def test_app_pauses_the_mic_when_heartbeats_stop(fake_bluez, fixture_wav):
     fake_bluez.device(ADDRESS).set_in_range(False)
     await wait_for(lambda: not model.mic_running, "the mic to pause without heartbeats")
     await finish(stop, task)
+    assert not model.mic_running, "the glasses kept recording with nobody listening"
 
 
 async def test_frame_bonded_elsewhere_says_exactly_what_to_do(fake_bluez):
@@ -251,6 +252,7 @@ async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez,
     after = sink.samples
     await wait_for(lambda: sink.samples > after + 8_000, "audio again")
     await finish(stop, task)
+    assert link.stats.reconnects >= 1 and sink.samples > after + 8_000
 
 
 async def test_a_mic_pause_while_connected_becomes_silence_not_lost_time(fake_bluez, fixture_wav):
