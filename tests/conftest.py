@@ -8,6 +8,10 @@ MessageBus is created in that loop, so ``private_bus`` sets it before the test b
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
@@ -45,3 +49,21 @@ async def fake_bluez(private_bus: PrivateBus) -> AsyncIterator[FakeBluez]:
 def demo_audio() -> np.ndarray:
     """The bundled speech clip (bridge/assets/demo_speech.flac) as 16 kHz mono int16."""
     return load_pcm16k(demo_speech_path())
+
+
+NOTIFY_TIMEOUT = 5.0
+"""Longest wait for one sd_notify datagram."""
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A bound datagram socket to pass as $NOTIFY_SOCKET, as systemd does, and its path."""
+    # A short directory: AF_UNIX paths are limited to ~107 bytes and pytest's tmp_path is long.
+    tmp = tempfile.mkdtemp(prefix="ob-sd-")
+    path = os.path.join(tmp, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(NOTIFY_TIMEOUT)
+    yield sock, path
+    sock.close()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -5,11 +5,7 @@ that merely turns."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +22,6 @@ QUIET_WINDOW = 0.6
 """After the worker dies, this long (six ping intervals) must pass without a single ping."""
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    tmp = tempfile.mkdtemp(prefix="ob-wd-")
-    path = os.path.join(tmp, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    yield sock, path
-    sock.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 async def next_message(sock: socket.socket, timeout: float) -> dict[str, str]:
     data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), timeout)
     return dict(line.split("=", 1) for line in data.decode().splitlines())
@@ -46,6 +30,7 @@ async def next_message(sock: socket.socket, timeout: float) -> dict[str, str]:
 async def test_watchdog_stops_when_the_transcription_worker_dies(
         tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
+    sock.setblocking(False)  # read with loop.sock_recv
     config = Config(storage=StorageOptions(dir=str(tmp_path)))
     daemon = Daemon(config, notifier=Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}),
                     state_dir=tmp_path)

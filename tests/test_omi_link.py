@@ -96,6 +96,18 @@ def outage_after_first_audio(model: OmiModel) -> int:
     return sum(1 for st in statuses[first:] if st in ("offline", "unsubscribed"))
 
 
+async def link_until_first_audio(model: OmiModel) -> DeviceLink:
+    """Run a link to ``model`` until its first audio arrives, then stop it the way the daemon does."""
+    sink = WavSink()
+    link = DeviceLink(DeviceConfig("omi", model.address), FAST, sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    await asyncio.wait_for(sink.first_audio.wait(), TIMEOUT)
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    return link
+
+
 async def stream(fake, model: OmiModel, until_frames: int, options: LinkOptions = FAST):
     """Run a DeviceLink until its timeline holds ``until_frames`` frames of the pendant's audio."""
     await fake.add_device(model)
@@ -296,13 +308,7 @@ async def test_restarted_bridge_reattaches_to_the_link_bluez_kept(fake_bluez, pr
     # BlueZ keeps the link (and drops the dead client's subscription); the device stops advertising.
     await fake_bluez.wait_until(lambda: not dev.is_notifying(AUDIO_DATA_UUID), TIMEOUT)
     assert dev.connected and dev.connects == 1
-    sink = WavSink()
-    link = DeviceLink(DeviceConfig("omi", model.address), FAST, sink)
-    stop = asyncio.Event()
-    task = asyncio.create_task(link.run(stop))
-    await asyncio.wait_for(sink.first_audio.wait(), TIMEOUT)
-    stop.set()
-    await asyncio.wait_for(task, TIMEOUT)
+    link = await link_until_first_audio(model)
     assert dev.connects == 1  # no new Connect: we re-attached to the existing link
     assert link.stats.frames > 0 and link.stats.codec == 21
 
@@ -328,13 +334,7 @@ async def test_bluez_connect_errors_are_retried_until_the_link_is_up(fake_bluez)
     dev.connect_errors = [("org.bluez.Error.Failed", "le-connection-abort-by-local"),
                           ("org.bluez.Error.InProgress", "Operation already in progress"),
                           ("org.bluez.Error.Failed", "Software caused connection abort")]
-    sink = WavSink()
-    link = DeviceLink(DeviceConfig("omi", model.address), FAST, sink)
-    stop = asyncio.Event()
-    task = asyncio.create_task(link.run(stop))
-    await asyncio.wait_for(sink.first_audio.wait(), TIMEOUT)
-    stop.set()
-    await asyncio.wait_for(task, TIMEOUT)
+    link = await link_until_first_audio(model)
     assert dev.connect_errors == [] and link.stats.frames > 0
 
 

@@ -6,8 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,6 @@ from bridge.systemd import Notifier
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "omi-bridge.service"
 TIMEOUT = 5.0
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    # A short directory: AF_UNIX paths are limited to ~107 bytes and pytest's tmp_path is long.
-    tmp = tempfile.mkdtemp(prefix="ob-sd-")
-    path = os.path.join(tmp, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(TIMEOUT)
-    yield sock, path
-    sock.close()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def received(sock: socket.socket) -> dict[str, str]:
