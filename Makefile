@@ -1,11 +1,11 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Each sets itself up.
-.PHONY: setup demo test lint bench install example-config
+.PHONY: setup demo test lint bench install example-config pi-check
 
 setup:
 	@scripts/setup.sh test
 
 demo:
-	@scripts/setup.sh sim
+	@scripts/setup.sh base
 	.venv/bin/omi-bridge demo
 
 test: setup
@@ -23,5 +23,11 @@ bench:
 example-config: setup
 	.venv/bin/python -m bridge.config > config.example.toml
 
+# The Pi (or any Debian) service install; run again to upgrade, `scripts/install-pi.sh --uninstall`.
 install:
-	@scripts/install.sh
+	@scripts/install-pi.sh
+
+# Before a release (root, ~10 min the first time, not part of `make test`): installs the bridge into
+# an arm64 Debian bookworm userland and transcribes a clip under qemu-aarch64 emulation.
+pi-check:
+	@scripts/pi-check.sh

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
 
 from bench.common import Results, config, load_corpus, median, model, part_main, spread
 from bench.link import LOSS, packets
@@ -36,9 +37,9 @@ from bridge.audio.codecs import CODEC_OPUS_20MS
 from bridge.audio.stream import AudioStream
 from bridge.audio.timeline import AudioTimeline
 from bridge.config import AsrOptions
-from bridge.devices.base import SAMPLE_RATE, LinkStats
-from bridge.sim.audio import demo_speech_path, load_pcm16k
-from bridge.speech.asr import AsrWorker
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.stats import LinkStats
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 from bridge.speech.vad import BATCH_FRAMES
 
@@ -106,7 +107,7 @@ def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, fl
     if threads == 1:
         asr_model = model()
     else:
-        from bridge.speech.asr import load_model
+        from bridge.speech.asr.worker import load_model
 
         asr_model = load_model(AsrOptions(cpu_threads=threads))
     worker = AsrWorker(AsrOptions(cpu_threads=threads), model=asr_model)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bridge.config import AsrOptions, Config, ConversationOptions
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 
 CORPUS_ENV = "OMI_BRIDGE_CORPUS"
 """Overrides where the shared speech corpus is (default: ../shared/corpus beside the repo)."""
@@ -109,7 +109,7 @@ def model() -> Any:
     """The bundled tiny.en (int8, 1 thread, the daemon's defaults), loaded once per process."""
     global _MODEL
     if _MODEL is None:
-        from bridge.speech.asr import load_model
+        from bridge.speech.asr.worker import load_model
 
         _MODEL = load_model(AsrOptions())
     return _MODEL

@@ -1,7 +1,7 @@
 """The daemon as users run it: idle CPU while a pendant streams silence, and peak memory.
 
 ``omi-bridge run`` in its own process (real bleak, the real link, speech pipeline, worker and
-outbox), ``python -m bridge.sim`` in another (our fake bluetoothd on a private D-Bus, simulated
+outbox), ``python -m omi_bridge_sim`` in another (our fake bluetoothd on a private D-Bus, simulated
 pendants streaming firmware-encoded Opus at the real rate), and the simulated Omi API on
 loopback. Each pendant says one clip after a lead-in, then streams encoded digital silence.
 
@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omi_bridge_sim.bus import PrivateBus
+from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
 from bench.common import Results, load_corpus, median, part_main, silence, spread
-from bridge.devices.base import SAMPLE_RATE
-from bridge.sim.bus import PrivateBus
-from bridge.sim.omi_api import ApiKey, OmiApiSim
+from bridge.core.pcm import SAMPLE_RATE
 
 KEY = "omi_dev_bench_key"
 LEAD_SECONDS = 6.0
@@ -100,7 +100,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def sim_frames(bus: str, address: str) -> int:
-    from bridge.sim.control import SimControlClient
+    from omi_bridge_sim.control import SimControlClient
 
     async def get() -> Any:
         async with SimControlClient(bus) as client:
@@ -133,7 +133,7 @@ def session(n_devices: int, tmp: Path, *, speech: np.ndarray | None, idle_second
         config = write_config(tmp, addresses, api.url)
         daemon = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config", str(config)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        args = [sys.executable, "-m", "bridge.sim", "--bus", bus.address]
+        args = [sys.executable, "-m", "omi_bridge_sim", "--bus", bus.address]
         for a in addresses:
             args += ["--omi", f"{a}:{wav}"]
         sim = subprocess.Popen(args, env=bus.env(), stdout=subprocess.PIPE, stderr=slog,
@@ -230,7 +230,7 @@ def run(res: Results) -> None:
     clips = {c.name: c.pcm for c in load_corpus()}
     speech = clips.get("jfk.flac")
     if speech is None:
-        from bridge.sim.audio import demo_speech_path, load_pcm16k
+        from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
 
         speech = load_pcm16k(demo_speech_path())
     with tempfile.TemporaryDirectory(prefix="omi-bench-d1-") as tmp:

@@ -2,7 +2,7 @@
 
 Wired as the daemon wires them (``Daemon._enqueue``): ``SpeechPipeline`` → ``Outbox.enqueue`` →
 ``Sender.wake()``, the sender's ``run()`` on its own event loop, posting over loopback HTTP to the
-simulated Omi API (``bridge.sim.omi_api``) with the hourly budget free. For each conversation the
+simulated Omi API (``omi_bridge_sim.omi_api``) with the hourly budget free. For each conversation the
 speech and a pause longer than ``[asr] flush_pause_seconds`` are fed first and the worker is let
 finish (in real time it has ``gap_seconds`` to do so), then silence is fed up to the moment the
 gap closes the conversation. Measured: from the write that closed it to the server receiving the
@@ -21,16 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
+from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
 from bench.common import Results, config, load_corpus, median, model, p95, part_main, silence
 from bridge.config import ApiOptions, AsrOptions, LocationOptions
-from bridge.conversation import Conversation
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation
 from bridge.outbox.sender import Sender
 from bridge.outbox.store import Outbox
-from bridge.sim.audio import demo_speech_path, load_pcm16k
-from bridge.sim.omi_api import ApiKey, OmiApiSim
-from bridge.speech.asr import AsrWorker
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 
 GOAL_SECONDS = 1.0

@@ -1,7 +1,7 @@
 """Decode + reassembly CPU per Omi stream (issue 2's budget: well under 1 % of one core).
 
 A long synthetic notification stream — the bundled speech clip, Opus-encoded with the firmware's
-settings (bridge.sim.omi) and framed like ``transport.c`` — goes through the bridge's real
+settings (omi_bridge_sim.omi) and framed like ``transport.c`` — goes through the bridge's real
 per-connection audio path (``AudioStream``: depacketizer → decoder/PLC → timeline). CPU is
 ``time.process_time`` for the whole pass, median of several passes, reported as the share of one
 core a live stream (frames per second of real time) would use.
@@ -18,12 +18,13 @@ import struct
 import time
 
 import numpy as np
+from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
+from omi_bridge_sim.omi import FrameEncoder, fragment
 
 from bridge.audio.stream import AudioStream
 from bridge.audio.timeline import AudioTimeline
-from bridge.devices.base import SAMPLE_RATE, LinkStats
-from bridge.sim.audio import demo_speech_path, load_pcm16k
-from bridge.sim.omi import FrameEncoder, fragment
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.stats import LinkStats
 
 LOSS = 0.02
 """Notification loss in the lossy rows: the 2 % the link tests use, so PLC is exercised."""

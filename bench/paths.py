@@ -1,6 +1,6 @@
 """Audio through the device paths, without the radio: packets in, the bridge's timeline out.
 
-- ``omi_packets``: PCM → the pendant's notifications (``bridge.sim.omi``'s firmware encoder and
+- ``omi_packets``: PCM → the pendant's notifications (``omi_bridge_sim.omi``'s firmware encoder and
   ``transport.c`` framing), with notifications lost in the air like ``OmiModel.loss`` (the index
   is consumed, the packet never arrives).
 - ``omi_decode``: the bridge's per-connection audio path (``AudioStream``: reassembly, Opus
@@ -20,13 +20,14 @@ import random
 import struct
 
 import numpy as np
+from omi_bridge_sim.omi import HEADER_BYTES, INDEX_MODULO, FrameEncoder, fragment
 
 from bridge.audio.codecs import CODEC_OPUS_20MS, OPUS_MAX_FRAME_SAMPLES
 from bridge.audio.frame_pcm import SEQ_MODULO, FramePcmDecoder
 from bridge.audio.stream import AudioStream
 from bridge.audio.timeline import AudioTimeline
-from bridge.devices.base import SAMPLE_RATE, LinkStats
-from bridge.sim.omi import HEADER_BYTES, INDEX_MODULO, FrameEncoder, fragment
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.stats import LinkStats
 
 LOSS = 0.02
 """Notification loss of the lossy conditions (the 2 % the link tests use)."""
@@ -37,7 +38,7 @@ MTU_SMALL = 48
 reassembly matters and one lost fragment loses the whole frame. Below the firmware's 100
 (it would send nothing, omi-device.md §5.2): the simulator's ``min_mtu`` knob, as in the tests."""
 FRAME_CHUNK_BYTES = 240
-"""Frame app packet payload at the usual MTU (frame_app.lua MAX_CHUNK)."""
+"""Frame app packet payload at the usual MTU (bridge/devices/frame/app.lua MAX_CHUNK)."""
 
 
 class PcmCollector:

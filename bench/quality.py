@@ -57,9 +57,9 @@ from bench.paths import (
     omi_packets,
 )
 from bridge.config import AsrOptions
-from bridge.conversation import Conversation
-from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.asr import AsrWorker
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 
 CHUNK = 320

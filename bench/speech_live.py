@@ -40,9 +40,9 @@ import numpy as np
 
 from bridge.audio.files import decode_file as decode
 from bridge.config import Config
-from bridge.conversation import Conversation, Segment
-from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.asr import AsrWorker, load_model
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation, Segment
+from bridge.speech.asr.worker import AsrWorker, load_model
 from bridge.speech.pipeline import SpeechPipeline
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/omi-bridge/config.toml")
 CONFIG_ENV = "OMI_BRIDGE_CONFIG"

@@ -10,7 +10,8 @@ PYTHON="${PYTHON:-python3}"
 
 # libopus0: opuslib is a ctypes binding to the system libopus.
 # dbus-daemon: the tests and the demo run a private D-Bus bus for the simulated bluetoothd.
-APT_PACKAGES=(libopus0 dbus-daemon python3-venv)
+# mosquitto: the MQTT tests start their own broker on a free loopback port (never the service).
+APT_PACKAGES=(libopus0 dbus-daemon python3-venv mosquitto)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -41,9 +42,13 @@ fi
 
 # Reinstall only when the project metadata or the extras changed.
 stamp=".venv/.omi-bridge-${EXTRAS//,/-}.stamp"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ sim/pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing Python packages (.[${EXTRAS}])"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+    if [ "$EXTRAS" = base ]; then spec="."; else spec=".[${EXTRAS}]"; fi
+    .venv/bin/python -m pip install -q -e "$spec"
+    # The simulators (fake BlueZ, devices, API) are their own package: tests and the demo need
+    # them, the bridge wheel does not ship them.
+    .venv/bin/python -m pip install -q -e ./sim
     touch "$stamp"
 fi

@@ -16,10 +16,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
-
-from bridge.sim.audio import demo_speech_path, load_pcm16k
-from bridge.sim.bluez import FakeBluez
-from bridge.sim.bus import PrivateBus
+from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
+from omi_bridge_sim.bluez import FakeBluez
+from omi_bridge_sim.bus import PrivateBus
 
 
 @pytest.fixture
@@ -47,7 +46,7 @@ async def fake_bluez(private_bus: PrivateBus) -> AsyncIterator[FakeBluez]:
 
 @pytest.fixture(scope="session")
 def demo_audio() -> np.ndarray:
-    """The bundled speech clip (bridge/assets/demo_speech.flac) as 16 kHz mono int16."""
+    """The bundled speech clip (sim/omi_bridge_sim/assets/demo_speech.flac) as 16 kHz mono int16."""
     return load_pcm16k(demo_speech_path())
 
 

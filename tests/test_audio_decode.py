@@ -9,8 +9,9 @@ import pytest
 from bridge.audio.codecs import make_decoder
 from bridge.audio.stream import AudioStream
 from bridge.audio.timeline import CATCH_UP_MARGIN, AudioTimeline
-from bridge.devices.base import SAMPLE_RATE, LinkStats
-from bridge.errors import UnknownCodecError
+from bridge.core.errors import UnknownCodecError
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.stats import LinkStats
 
 
 class ListSink:

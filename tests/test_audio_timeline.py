@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from bridge.audio.timeline import CATCH_UP_MARGIN, QUIET_SECONDS, AudioTimeline
-from bridge.devices.base import SAMPLE_RATE
-from bridge.devices.listen import WavSink
+from bridge.cli.listen import WavSink
+from bridge.core.pcm import SAMPLE_RATE
 
 FRAME = 320  # 20 ms
 

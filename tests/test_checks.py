@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omi_bridge_sim.bluez import FakeBluez
+from omi_bridge_sim.bus import PrivateBus
 
-from bridge.checks import check, require_valid
+from bridge.app.preflight import check, require_valid
 from bridge.cli import main
-from bridge.errors import BridgeError
-from bridge.sim.bluez import FakeBluez
-from bridge.sim.bus import PrivateBus
+from bridge.core.errors import BridgeError
 
 DEVICE = '[[devices]]\nkind = "omi"\naddress = "AA:BB:CC:DD:EE:01"\nname = "pendant"\n'
 

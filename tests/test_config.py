@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import example_toml, load_config
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

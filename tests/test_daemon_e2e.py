@@ -1,5 +1,5 @@
 """The daemon as a user runs it: ``omi-bridge run --config FILE`` in its own process, a simulated
-pendant in another (``python -m bridge.sim`` on a private bus, real bleak in between), and a local
+pendant in another (``python -m omi_bridge_sim`` on a private bus, real bleak in between), and a local
 Omi API server. What the user would see: conversations arriving in Omi, systemd told READY,
 WATCHDOG and a readable STATUS, a clean stop, and nothing lost across a restart.
 """
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from omi_bridge_sim.bus import PrivateBus
+from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
-from bridge.devices.base import SAMPLE_RATE
-from bridge.sim.bus import PrivateBus
-from bridge.sim.omi_api import ApiKey, OmiApiSim
+from bridge.core.pcm import SAMPLE_RATE
 
 TIMEOUT = 120.0
 """Upper bound for one conversation to travel device → Omi (normally ~30 s: the clip is ~21 s)."""
@@ -201,10 +201,10 @@ def daemon_env(bus: PrivateBus, notify: NotifySocket | None = None) -> dict[str,
 
 
 class Simulator:
-    """``python -m bridge.sim`` joining ``bus`` with the given pendants."""
+    """``python -m omi_bridge_sim`` joining ``bus`` with the given pendants."""
 
     def __init__(self, bus: PrivateBus, devices: list[tuple[str, str]], wav: Path, log: Path) -> None:
-        args = [sys.executable, "-m", "bridge.sim", "--bus", bus.address]
+        args = [sys.executable, "-m", "omi_bridge_sim", "--bus", bus.address]
         for kind, address in devices:
             args += [f"--{kind}", f"{address}:{wav}"]
         self._log = log.open("ab")
@@ -219,7 +219,7 @@ class Simulator:
     def stats(self, address: str) -> dict[str, Any]:
         import asyncio
 
-        from bridge.sim.control import SimControlClient
+        from omi_bridge_sim.control import SimControlClient
 
         async def get() -> Any:
             async with SimControlClient(self.bus.address) as client:

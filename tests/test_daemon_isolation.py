@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omi_bridge_sim.bluez import FakeBluez
+from omi_bridge_sim.omi import OmiModel
 
+from bridge.app.daemon import Daemon
+from bridge.app.systemd import Notifier
 from bridge.config import Config, DeviceConfig, LinkOptions, StorageOptions
-from bridge.daemon import Daemon
-from bridge.sim.bluez import FakeBluez
-from bridge.sim.omi import OmiModel
-from bridge.systemd import Notifier
 
 TIMEOUT = 30.0
 PENDANT = "C0:FF:EE:00:00:01"

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SNIPPET = ("import logging; from bridge.daemon import setup_logging; setup_logging('info'); "
-           "logging.getLogger('bridge.devices.supervisor').warning('pendant link lost; reconnecting'); "
-           "logging.getLogger('bridge.daemon').debug('hidden at info')")
+SNIPPET = ("import logging; from bridge.app.daemon import setup_logging; setup_logging('info'); "
+           "logging.getLogger('bridge.link.supervisor').warning('pendant link lost; reconnecting'); "
+           "logging.getLogger('bridge.app.daemon').debug('hidden at info')")
 
 
 def run(tmp_path: Path, journal: bool) -> str:
@@ -25,11 +25,11 @@ def run(tmp_path: Path, journal: bool) -> str:
 
 def test_under_journald_lines_carry_a_priority_and_no_timestamp(tmp_path: Path) -> None:
     text = run(tmp_path, journal=True)
-    assert text == "<4>bridge.devices.supervisor: pendant link lost; reconnecting\n"
+    assert text == "<4>bridge.link.supervisor: pendant link lost; reconnecting\n"
 
 
 def test_on_a_terminal_or_file_lines_are_timestamped(tmp_path: Path) -> None:
     lines = run(tmp_path, journal=False).splitlines()
     assert len(lines) == 1
-    assert lines[0].endswith("WARNING bridge.devices.supervisor: pendant link lost; reconnecting")
+    assert lines[0].endswith("WARNING bridge.link.supervisor: pendant link lost; reconnecting")
     assert lines[0][:4].isdigit()  # starts with the date

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
+from bridge.app.daemon import Daemon
+from bridge.app.systemd import Notifier
 from bridge.config import ApiOptions, Config, ConversationOptions, DeviceConfig, StorageOptions
-from bridge.daemon import Daemon
-from bridge.sim.omi_api import ApiKey, OmiApiSim
-from bridge.speech.asr import AsrWorker
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
-from bridge.systemd import Notifier
 
 TIMEOUT = 60.0
 KEY = "omi_dev_recovery"

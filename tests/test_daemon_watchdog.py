@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bridge.app.daemon import Daemon
+from bridge.app.systemd import Notifier
 from bridge.config import Config, StorageOptions
-from bridge.daemon import Daemon
-from bridge.speech.asr import AsrWorker
-from bridge.systemd import Notifier
+from bridge.speech.asr.worker import AsrWorker
 
 TIMEOUT = 10.0
 WATCHDOG_USEC = 200_000

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omi_bridge_sim.frame import FrameModel, load_wav_16k
 
+from bridge.cli.listen import async_listen
 from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
-from bridge.devices.frame import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond
-from bridge.devices.listen import async_listen
-from bridge.devices.supervisor import DeviceLink
-from bridge.errors import BridgeError
-from bridge.sim.frame import FrameModel, load_wav_16k
+from bridge.core.errors import BridgeError
+from bridge.devices.frame.session import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond
+from bridge.link.supervisor import DeviceLink
 
 pytest.importorskip("lupa")
 

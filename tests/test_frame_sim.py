@@ -10,10 +10,10 @@ import asyncio
 
 import numpy as np
 import pytest
+from omi_bridge_sim.frame import FRAME_RX, FRAME_TX, FrameModel
+from omi_bridge_sim.model import call_hook
 
-from bridge.devices.frame import APP_MODULE, CMD_HEARTBEAT, MSG_AUDIO, MSG_ERROR, MSG_MIC, app_source
-from bridge.sim.frame import FRAME_RX, FRAME_TX, FrameModel
-from bridge.sim.model import call_hook
+from bridge.devices.frame.session import APP_MODULE, CMD_HEARTBEAT, MSG_AUDIO, MSG_ERROR, MSG_MIC, app_source
 
 pytest.importorskip("lupa")
 

@@ -11,9 +11,9 @@ import wave
 from pathlib import Path
 
 import pytest
+from omi_bridge_sim.control import SimControlClient
 
-from bridge.devices.base import SAMPLE_RATE
-from bridge.sim.control import SimControlClient
+from bridge.core.pcm import SAMPLE_RATE
 
 ADDRESS = "C0:FF:EE:00:00:07"
 TIMEOUT = 60.0
@@ -25,9 +25,9 @@ FRAME = 320  # codec 21: 20 ms
 
 @pytest.fixture
 def simulator():
-    """``python -m bridge.sim`` with one Omi: 2 % loss, duplicates and a link drop at 2.5 s."""
+    """``python -m omi_bridge_sim`` with one Omi: 2 % loss, duplicates and a link drop at 2.5 s."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.sim", "--omi", ADDRESS, "--loss", "0.02",
+        [sys.executable, "-m", "omi_bridge_sim", "--omi", ADDRESS, "--loss", "0.02",
          "--duplicate", "0.02", "--seed", "4", "--link-drop-at", "2.5", "--after-clip", "loop"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -102,9 +102,9 @@ def test_scan_json_lists_the_pendant(simulator, tmp_path: Path):
 def test_frame_listen_names_its_pcm_format_and_a_silent_frame_is_not_called_unreachable():
     from datetime import UTC, datetime
 
+    from bridge.cli.listen import _no_audio_error, audio_format
     from bridge.config import Config, DeviceConfig
-    from bridge.devices.base import LinkStats
-    from bridge.devices.listen import _no_audio_error, audio_format
+    from bridge.core.stats import LinkStats
 
     frame = DeviceConfig("frame", "AA:BB:CC:DD:EE:01")
     assert audio_format(frame, Config(), None) == "pcm 16-bit 8 kHz (Frame)"

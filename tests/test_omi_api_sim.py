@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from bridge.sim.omi_api import DEFAULT_SCOPES, ENDPOINT, ApiKey, OmiApiSim
+from omi_bridge_sim.omi_api import DEFAULT_SCOPES, ENDPOINT, ApiKey, OmiApiSim
 
 TIMEOUT = 10.0
 GOOD = "omi_dev_good"

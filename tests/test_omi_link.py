@@ -15,16 +15,16 @@ import time
 
 import numpy as np
 import pytest
+from omi_bridge_sim.model import DeviceModel
+from omi_bridge_sim.omi import AUDIO_DATA_UUID, OmiModel
 
 from bridge.audio.codecs import CODEC_NAMES
+from bridge.cli.listen import WavSink, async_listen
 from bridge.config import Config, DeviceConfig, LinkOptions
-from bridge.devices.base import SAMPLE_RATE
-from bridge.devices.listen import WavSink, async_listen
-from bridge.devices.scan import async_scan
-from bridge.devices.supervisor import DeviceLink
-from bridge.errors import UnknownCodecError
-from bridge.sim.model import DeviceModel
-from bridge.sim.omi import AUDIO_DATA_UUID, OmiModel
+from bridge.core.errors import UnknownCodecError
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.link.scan import async_scan
+from bridge.link.supervisor import DeviceLink
 
 TIMEOUT = 20.0
 """Upper bound for any wait on the fake (connects take ~0.1 s; generous for a loaded CI box)."""
@@ -286,8 +286,8 @@ async def test_watchdog_remakes_a_link_that_went_quiet(fake_bluez):
 _CHILD = """
 import asyncio, sys
 from bridge.config import DeviceConfig, LinkOptions
-from bridge.devices.supervisor import DeviceLink
-from bridge.devices.listen import WavSink
+from bridge.link.supervisor import DeviceLink
+from bridge.cli.listen import WavSink
 link = DeviceLink(DeviceConfig("omi", sys.argv[1]), LinkOptions(), WavSink())
 asyncio.run(link.run(asyncio.Event()))
 """
@@ -339,8 +339,8 @@ async def test_bluez_connect_errors_are_retried_until_the_link_is_up(fake_bluez)
 
 
 async def test_scan_with_the_adapter_off_says_how_to_turn_it_on(fake_bluez):
-    from bridge.devices.scan import bluetooth_errors
-    from bridge.errors import BridgeError
+    from bridge.core.errors import BridgeError
+    from bridge.link.scan import bluetooth_errors
 
     fake_bluez.set_powered(False)
     with pytest.raises(BridgeError) as err, bluetooth_errors("hci0"):
@@ -349,7 +349,7 @@ async def test_scan_with_the_adapter_off_says_how_to_turn_it_on(fake_bluez):
 
 
 def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
-    from bridge.devices.supervisor import TRANSIENT, backoff_seconds
+    from bridge.link.supervisor import TRANSIENT, backoff_seconds
 
     opts = LinkOptions(reconnect_min_seconds=0.25, reconnect_max_seconds=30.0)
     top = [backoff_seconds(n, opts, TRANSIENT, rand=lambda: 1.0) for n in range(1, 10)]
@@ -365,7 +365,7 @@ def test_bluez_errors_map_to_the_advice_a_user_needs():
         BleakError,
     )
 
-    from bridge.devices.supervisor import (
+    from bridge.link.supervisor import (
         ADAPTER_OFF,
         AUTH,
         BUSY,

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from omi_bridge_sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
 
 from bridge.cli import main
+from bridge.cli.outbox import EXIT_PAUSED, EXIT_SENT, send_conversations
 from bridge.config import load_config
-from bridge.conversation import Conversation, Segment
-from bridge.outbox.commands import EXIT_PAUSED, EXIT_SENT, send_conversations
+from bridge.core.records import Conversation, Segment
 from bridge.outbox.store import Outbox
-from bridge.sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
 
 KEY = "omi_dev_CLISECRET"
 READONLY = "omi_dev_CLIREADONLY"

@@ -18,15 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from omi_bridge_sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
 
+from bridge.cli.outbox import EXIT_PAUSED, EXIT_REJECTED, EXIT_SENT, EXIT_WAITING, send_conversations
 from bridge.config import ApiOptions, Config, StorageOptions
-from bridge.conversation import Conversation, Segment
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
+from bridge.core.records import Conversation, Segment
 from bridge.outbox.client import Credentials, check_base_url
-from bridge.outbox.commands import EXIT_PAUSED, EXIT_REJECTED, EXIT_SENT, EXIT_WAITING, send_conversations
 from bridge.outbox.sender import Sender, outbox_status
 from bridge.outbox.store import DeliveryLock, Outbox
-from bridge.sim.omi_api import DEFAULT_SCOPES, ApiKey, OmiApiSim
 
 TIMEOUT = 15.0
 KEY = "omi_dev_GOODSECRET"
@@ -287,8 +287,8 @@ _SEND_SCRIPT = textwrap.dedent("""
     import sys
     from datetime import UTC, datetime, timedelta
     from bridge.config import ApiOptions, Config, StorageOptions
-    from bridge.conversation import Conversation, Segment
-    from bridge.outbox.commands import send_conversations
+    from bridge.core.records import Conversation, Segment
+    from bridge.cli.outbox import send_conversations
 
     url, state_dir, key = sys.argv[1:4]
     start = datetime(2026, 3, 1, 9, tzinfo=UTC)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+from omi_bridge_sim.omi_api import _validate
+
 from bridge.config import LocationOptions
-from bridge.conversation import Conversation, Segment
+from bridge.core.records import Conversation, Segment
 from bridge.outbox.payload import MAX_SEGMENTS, request_bodies
-from bridge.sim.omi_api import _validate
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 NO_LOCATION = LocationOptions()

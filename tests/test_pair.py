@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.cli.pair import add_device
 from bridge.config import load_config
-from bridge.devices.pair import add_device
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
 
 HAND_WRITTEN = """\
 # My bridge. Keep the key out of this file.
@@ -115,7 +115,7 @@ def simulator() -> Iterator[Callable[..., dict[str, str]]]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> dict[str, str]:
-        proc = subprocess.Popen([sys.executable, "-m", "bridge.sim", *args], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "omi_bridge_sim", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
         procs.append(proc)
         assert proc.stdout is not None

@@ -17,10 +17,9 @@ import opuslib
 import pytest
 from bleak import BleakAdapter, BleakClient, BleakScanner
 from bleak.exc import BleakError, BleakGATTProtocolError
-
-from bridge.sim.bluez import FakeBluez
-from bridge.sim.model import CharacteristicSpec, DeviceModel, ServiceSpec
-from bridge.sim.omi import (
+from omi_bridge_sim.bluez import FakeBluez
+from omi_bridge_sim.model import CharacteristicSpec, DeviceModel, ServiceSpec
+from omi_bridge_sim.omi import (
     AUDIO_DATA_UUID,
     AUDIO_SERVICE_UUID,
     CODEC_TYPE_UUID,
@@ -291,10 +290,10 @@ async def test_reattach_to_link_bluez_kept_after_client_process_died(
 async def test_simulator_process_announces_its_bus_and_obeys_control(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from bridge.sim.control import SimControlClient
+    from omi_bridge_sim.control import SimControlClient
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.sim", "--omi", OMI, "--codec", "20", stdout=subprocess.PIPE)
+        sys.executable, "-m", "omi_bridge_sim", "--omi", OMI, "--codec", "20", stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20.0))
@@ -317,7 +316,7 @@ async def test_simulator_process_announces_its_bus_and_obeys_control(monkeypatch
 
 
 def test_harness_runs_the_simulator_beside_synchronous_code(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from bridge.sim.harness import SimHarness
+    from omi_bridge_sim.harness import SimHarness
 
     async def listen() -> list[bytes]:
         got = Collector()
@@ -335,7 +334,7 @@ def test_harness_runs_the_simulator_beside_synchronous_code(monkeypatch) -> None
 
 
 async def test_bleak_retries_le_connection_abort_by_local(fake_bluez: FakeBluez) -> None:
-    from bridge.sim.bluez import ERR_FAILED, LE_ABORT_BY_LOCAL
+    from omi_bridge_sim.bluez import ERR_FAILED, LE_ABORT_BY_LOCAL
 
     dev = await fake_bluez.add_device(OmiModel(address=OMI))
     dev.connect_errors.append((ERR_FAILED, LE_ABORT_BY_LOCAL))
@@ -422,7 +421,7 @@ async def test_pcm_and_mulaw_codecs_carry_the_source_audio(
 @pytest.mark.parametrize("value_on_read", [True, False])
 async def test_read_while_subscribed_echoes_as_a_notification_like_bluez(
         fake_bluez: FakeBluez, value_on_read: bool) -> None:
-    from bridge.sim.omi import BATTERY_LEVEL_UUID
+    from omi_bridge_sim.omi import BATTERY_LEVEL_UUID
 
     fake_bluez.value_on_read = value_on_read
     omi = OmiModel(address=OMI, battery=64)
@@ -438,8 +437,9 @@ async def test_read_while_subscribed_echoes_as_a_notification_like_bluez(
 
 
 def test_missing_dbus_daemon_is_a_clear_error_naming_the_package(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from bridge.errors import BridgeError
-    from bridge.sim.bus import PrivateBus
+    from omi_bridge_sim.bus import PrivateBus
+
+    from bridge.core.errors import BridgeError
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BridgeError) as err, PrivateBus():

@@ -14,9 +14,9 @@ import pytest
 
 from bridge.audio.files import decode_file as decode
 from bridge.config import AsrOptions, Config, ConversationOptions
-from bridge.conversation import Conversation
-from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.asr import AsrWorker, load_model
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation
+from bridge.speech.asr.worker import AsrWorker, load_model
 from bridge.speech.pipeline import SpeechPipeline
 
 pytestmark = pytest.mark.asr

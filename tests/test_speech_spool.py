@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
 
 FRAME = 512

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bridge.config import Config, VadOptions
-from bridge.devices.base import SAMPLE_RATE
-from bridge.speech.asr import AsrWorker
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, GATE_HANGOVER_FRAMES, Endpointer, SileroVad
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.app.state import EXIT_NOT_RUNNING, DaemonLock, write_state
 from bridge.cli import main
-from bridge.errors import BridgeError
-from bridge.status import EXIT_NOT_RUNNING, DaemonLock, write_state
+from bridge.core.errors import BridgeError
 
 
 @pytest.fixture

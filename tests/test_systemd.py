@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.systemd import Notifier
+from bridge.app.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "omi-bridge.service"

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from bridge.audio.files import decode_file as decode
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 
 pytestmark = pytest.mark.asr
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "bridge" / "assets" / "demo_speech.flac"
+DEMO = ROOT / "sim" / "omi_bridge_sim" / "assets" / "demo_speech.flac"
 STEREO = ROOT.parent / "shared" / "corpus" / "stereo_diarization.wav"
 TIMEOUT = 300.0
 
@@ -103,7 +103,7 @@ def test_plain_text_is_a_readable_transcript_and_bad_files_are_named(tmp_path: P
 
 def test_send_delivers_once_even_when_the_file_is_imported_twice(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridge.sim.omi_api import ApiKey, OmiApiSim
+    from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
     monkeypatch.delenv("OMI_API_KEY", raising=False)
     key = "omi_dev_TRANSCRIBE"

@@ -22,8 +22,8 @@ import logging
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
-from bridge.errors import UnknownCodecError
+from bridge.core.errors import UnknownCodecError
+from bridge.core.pcm import SAMPLE_RATE
 
 _LOGGER = logging.getLogger(__name__)
 

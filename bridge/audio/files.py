@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
+from bridge.core.pcm import SAMPLE_RATE
 
 
 def decode_file(path: str | Path) -> np.ndarray:

@@ -3,7 +3,7 @@
 Frame sends raw PCM (frame.md §6): signed int8 (the high byte of the 16 kHz int16 sample, no
 dither) or int16 little-endian, at 16 kHz or 8 kHz (every other sample, no anti-aliasing). Our
 Lua app cuts the stream into packets of one fixed size and numbers them (see
-``bridge/devices/frame_app.lua``), so a gap in the sequence numbers is an exact amount of audio
+``bridge/devices/frame/app.lua``), so a gap in the sequence numbers is an exact amount of audio
 that this module replaces with silence, keeping sample ``n`` at ``n / 16000`` s.
 
 Each (re)start of the microphone begins with a pop (frame.md §12, frame-codebase issue #280);
@@ -16,12 +16,12 @@ import logging
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 
 _LOGGER = logging.getLogger(__name__)
 
 SEQ_MODULO = 1 << 16
-"""The app's sequence number is 16 bits and wraps (frame_app.lua, SEQ_MODULO)."""
+"""The app's sequence number is 16 bits and wraps (devices/frame/app.lua, SEQ_MODULO)."""
 
 MAX_GAP_PACKETS = 2_000
 """A forward jump larger than this (~30 s at 16 kB/s and 241-byte packets) is not loss but a

@@ -20,7 +20,7 @@ import numpy as np
 from bridge.audio.codecs import Decoder, make_decoder
 from bridge.audio.depacketize import Depacketizer, Frame, max_fragment_for_mtu
 from bridge.audio.timeline import AudioTimeline
-from bridge.devices.base import LinkStats
+from bridge.core.stats import LinkStats
 
 _LOGGER = logging.getLogger(__name__)
 

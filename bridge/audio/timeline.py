@@ -44,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE, PcmSink
+from bridge.core.pcm import SAMPLE_RATE, PcmSink
 
 CATCH_UP_MARGIN = 0.25
 """Seconds behind wall clock that silence filling stops during an outage: more than BLE

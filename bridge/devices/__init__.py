@@ -1,1 +1,1 @@
-"""Bluetooth LE: scanning, the Omi and Frame drivers, and the reconnect supervisor (bleak)."""
+"""Device drivers: what happens on a connection to an Omi pendant or Frame glasses."""

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from bridge.config import API_KEY_ENV, ApiOptions
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bridge.config import LocationOptions
-from bridge.conversation import SOURCES, Conversation
+from bridge.core.records import SOURCES, Conversation
 
 _LOGGER = logging.getLogger(__name__)
 

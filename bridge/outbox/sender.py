@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from bridge.config import ApiOptions
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
 from bridge.outbox.client import AsyncOmiClient, Credentials, Kind, OmiClient, Outcome, fingerprint
 from bridge.outbox.store import RATE_WINDOW_SECONDS, DeliveryLock, Item, Outbox, Pause
 

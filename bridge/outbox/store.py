@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import LocationOptions
-from bridge.conversation import Conversation
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
+from bridge.core.records import Conversation
 from bridge.outbox.payload import request_bodies
 
 _LOGGER = logging.getLogger(__name__)

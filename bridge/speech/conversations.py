@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge.conversation import Conversation, Segment
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation, Segment
 from bridge.speech import spool
 
 STATE_VERSION = 1

@@ -1,4 +1,4 @@
-"""``omi-bridge transcribe``: audio files through the same VAD → conversation → Whisper path.
+"""Audio files through the same VAD → conversation → Whisper path.
 
 A file is fed to a ``SpeechPipeline`` as fast as the machine allows (the pipeline works on the
 sample timeline, never on the clock), so a file yields exactly the conversations a device would
@@ -8,10 +8,7 @@ be transcribed again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -21,11 +18,11 @@ from typing import TextIO
 import numpy as np
 
 from bridge.audio.files import decode_file
-from bridge.config import Config, load_config
-from bridge.conversation import Conversation
-from bridge.devices.base import SAMPLE_RATE
-from bridge.errors import BridgeError
-from bridge.speech.asr import AsrWorker
+from bridge.config import Config
+from bridge.core.errors import BridgeError
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation
+from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.conversations import MAX_SESSION_ID
 from bridge.speech.pipeline import SpeechPipeline
 
@@ -73,15 +70,6 @@ def _progress_bar(name: str, total: int, stream: TextIO) -> Callable[[int], None
     return show
 
 
-def _parse_started_at(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise BridgeError(f"--started-at {text!r} is not an ISO 8601 time",
-                          "e.g. --started-at 2026-01-31T09:30:00+01:00") from None
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def transcribe_files(paths: Sequence[str], config: Config, worker: AsrWorker, *,
                      started_at: datetime | None = None, source: str = "external_integration",
                      progress_stream: TextIO | None = None) -> list[Conversation]:
@@ -105,42 +93,3 @@ def transcribe_files(paths: Sequence[str], config: Config, worker: AsrWorker, *,
         out += transcribe_pcm(pcm, config, worker, started_at=start, digest=digest, source=source,
                               label=p.name, progress=progress)
     return out
-
-
-def format_text(conversations: Sequence[Conversation]) -> str:
-    if not conversations:
-        return "No speech found.\n"
-    lines: list[str] = []
-    for i, conv in enumerate(conversations, 1):
-        lines.append(f"Conversation {i}: {conv.started_at.isoformat(timespec='seconds')} → "
-                     f"{conv.finished_at.isoformat(timespec='seconds')} ({conv.language}, "
-                     f"{len(conv.segments)} segments)")
-        for seg in conv.segments:
-            lines.append(f"  [{seg.start:7.2f} → {seg.end:7.2f}] {seg.text}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    started_at = _parse_started_at(args.started_at) if args.started_at else None
-    worker = AsrWorker(config.asr)
-    worker.start()
-    try:
-        convs = transcribe_files(args.files, config, worker, started_at=started_at, source=args.source,
-                                 progress_stream=sys.stderr if sys.stderr.isatty() else None)
-    finally:
-        worker.stop()
-    if args.send:
-        from bridge.outbox.commands import send_conversations
-
-        return send_conversations(convs, config, sys.stdout)
-    if args.json:
-        from bridge.outbox.payload import request_bodies
-
-        bodies = [body for conv in convs for body in request_bodies(conv, config.location)]
-        json.dump(bodies, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(format_text(convs))
-    return 0

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from bridge.config import Config
-from bridge.conversation import Conversation, Segment
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
+from bridge.core.records import Conversation, Segment
 from bridge.speech import spool
-from bridge.speech.asr import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
+from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, SileroVad
 

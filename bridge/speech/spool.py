@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 
 SPOOL_DIR = "spool"
 CONVERSATION_FILE = "conversation.json"

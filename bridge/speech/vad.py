@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bridge.config import VadOptions
-from bridge.devices.base import SAMPLE_RATE
+from bridge.core.pcm import SAMPLE_RATE
 
 FRAME_SAMPLES = 512
 """Silero v5/v6 at 16 kHz takes 512-sample frames (faster_whisper/vad.py, SileroVADModel)."""

@@ -1,0 +1,1 @@
+"""The daemon: device tasks, preflight checks, published state, systemd integration."""

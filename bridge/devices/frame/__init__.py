@@ -1,0 +1,1 @@
+"""Brilliant Labs Frame glasses: our Lua app, its upload, and its PCM stream."""

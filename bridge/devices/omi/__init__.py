@@ -1,0 +1,1 @@
+"""The Omi pendant: codec, audio notifications, battery, button, time sync."""

@@ -1,0 +1,1 @@
+"""Bluetooth LE with bleak: scanning, batched notifications, and the reconnect supervisor."""

@@ -1,0 +1,488 @@
+"""Keep one device's BLE link alive forever, for any kind of device.
+
+The supervisor owns the *link*: finding the device, connecting, noticing loss, backing off and
+reconnecting, the watchdog and re-attaching after our own restart. What happens on a connection
+is the job of a per-connection **session** (Omi: ``bridge.devices.omi.session.OmiSession``; Frame: the
+Frame driver). A session is anything with this shape::
+
+    class MySession:
+        SERVICE_UUIDS: tuple[str, ...]      # class attribute: how to find the device among
+                                            # those BlueZ already holds connected (re-attach)
+        FILL_QUIET: bool                    # optional class attribute: the device may stop
+                                            # sending while connected (AAD); the link then fills
+                                            # wall-clock silence (AudioTimeline.quiet)
+        def __init__(self, ctx: SessionContext) -> None: ...
+        last_activity: float | None         # monotonic time of the last data from the device;
+                                            # the watchdog reconnects when it is older than
+                                            # [link] watchdog_seconds (None: counts from connect)
+        async def async_start(self, client: BleakClient) -> None:
+            # connect-time setup: read, subscribe, write. Raise BridgeError for problems the
+            # user must fix (logged with the hint; retried at the longest back-off, or raised
+            # from run() when the link was made with raise_errors=True); anything else is
+            # treated as a transient failure of this connection.
+        async def async_stop(self, client: BleakClient) -> None:
+            # optional last words before *our own* disconnect (e.g. tell the device to stop)
+        def flush(self) -> None:
+            # optional: hand on data still buffered (called before the quiet check, FILL_QUIET)
+        def connection_lost(self) -> None:
+            # the connection is over, whichever way; called exactly once per started session.
+            # Flush held audio here; the link then opens a gap in the timeline itself.
+
+A fresh session is made for every connection, so per-connection state (decoder, reassembly)
+never leaks across a reconnect. ``SessionContext`` carries what outlives connections: the
+device's config, the ``AudioTimeline`` and the ``LinkStats``.
+
+``DeviceLink`` is the entry point the daemon uses: one per paired device, ``await
+link.run(stop)`` until ``stop`` is set (``link.stats``, ``link.timeline.started_at`` and
+``link.supervisor.connected_event`` / ``disconnected_event`` are there to watch). It picks
+the session class by ``DeviceConfig.kind`` from ``SESSION_KINDS`` and, about once a second,
+lets the timeline catch up with wall clock while the link is down or the device is connected
+but quiet (``AudioTimeline.quiet``) and reports ``LinkStats``
+through ``on_stats``.
+
+Policy (style.md, Home Assistant's bleak-retry-connector):
+
+- Failures are sorted into kinds (adapter, device missing, busy, auth, transient, device
+  problem); each kind has a minimum back-off and advice for a human, logged once per change
+  of kind, not on every retry.
+- Back-off: ``reconnect_min_seconds`` doubling per consecutive failure up to
+  ``reconnect_max_seconds``, times a random factor in [0.5, 1] so several bridges do not
+  retry in lock-step. A link that was lost (not a failed attempt) retries after
+  ``reconnect_min_seconds`` at once, which keeps a device in range reconnecting in well under
+  2 s. A connection that never delivered any data before the watchdog fired counts as a
+  failure (it would otherwise be remade every watchdog period forever).
+- Every attempt looks the device up again: first among devices BlueZ already holds connected
+  (after our own crash BlueZ keeps the link and the device stops advertising;
+  bluez-for-tests.md §9.1), then by scanning for the address. A ``BLEDevice`` from an earlier
+  attempt is never reused (BlueZ forgets unseen devices, and bleak then raises a plain
+  ``BleakError("... not found")``, §9.2).
+- ``disconnected_callback`` also fires on our own ``disconnect()`` (§9.3): the
+  ``_expected_disconnect`` flag tells our disconnects from link loss.
+- Nothing escapes ``run()`` except cancellation (and, with ``raise_errors``, ``BridgeError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from bleak import BleakAdapter, BleakClient, BleakScanner
+from bleak.backends.device import BLEDevice
+from bleak.exc import (
+    BleakBluetoothNotAvailableError,
+    BleakCharacteristicNotFoundError,
+    BleakDBusError,
+    BleakDeviceNotFoundError,
+    BleakError,
+)
+
+from bridge.audio.timeline import AudioTimeline
+from bridge.config import DeviceConfig, LinkOptions
+from bridge.core.errors import BridgeError, DeviceNotFoundError
+from bridge.core.pcm import PcmSink
+from bridge.core.stats import LinkStats
+
+_LOGGER = logging.getLogger(__name__)
+
+TICK_SECONDS = 1.0
+"""How often the link checks the watchdog, fills outage silence and reports stats: often enough
+for downstream conversation timers, rare enough to cost nothing."""
+
+DISCONNECT_TIMEOUT = 5.0
+"""Our own disconnect gives up after this long (bleak itself waits up to 10 s for BlueZ)."""
+
+SESSION_KINDS: dict[str, str] = {
+    "omi": "bridge.devices.omi.session:OmiSession",
+    "frame": "bridge.devices.frame.session:FrameSession",
+}
+"""``DeviceConfig.kind`` → "module:class" of its session (imported on first use)."""
+
+
+@dataclass
+class SessionContext:
+    """What a session gets: the parts that outlive one connection."""
+
+    device: DeviceConfig
+    timeline: AudioTimeline
+    stats: LinkStats
+    options: LinkOptions
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Kind-specific settings (e.g. ``{"frame": FrameOptions}``) and hooks (``"on_button"``)."""
+
+    @property
+    def label(self) -> str:
+        return self.device.label
+
+
+class Session(Protocol):
+    SERVICE_UUIDS: tuple[str, ...]
+    last_activity: float | None
+
+    async def async_start(self, client: BleakClient) -> None: ...
+
+    def connection_lost(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Failure kinds → policy
+
+
+@dataclass(frozen=True)
+class FailureKind:
+    name: str
+    min_backoff: float
+    """Seconds to wait at least before the next attempt."""
+    advice: str
+
+
+ADAPTER_OFF = FailureKind(
+    "adapter", 5.0, "the Bluetooth adapter is off or missing: `bluetoothctl power on`; check "
+    "`bluetoothctl list` and that bluetoothd runs ([link] adapter names it)")
+DEVICE_MISSING = FailureKind(
+    "device missing", 0.0, "not seen: out of range, switched off, flat, or connected to a "
+    "phone (it takes one connection; close the Omi app)")
+BUSY = FailureKind(
+    "busy", 1.0, "BlueZ is busy with another operation on this adapter (scan or connect in "
+    "progress); retrying")
+AUTH = FailureKind(
+    "auth", 10.0, "the device refused us (pairing/bond problem): remove it with "
+    "`bluetoothctl remove ADDRESS` and on the phone, then `omi-bridge pair ADDRESS`")
+TRANSIENT = FailureKind("transient", 0.0, "radio or timing failure; retrying")
+WRONG_DEVICE = FailureKind(
+    "wrong device", 60.0, "it lacks a characteristic its kind must have: check `kind` in its "
+    "[[devices]] table (or --kind) and that its firmware is supported")
+DEVICE_PROBLEM = FailureKind("device problem", 60.0, "")
+"""A BridgeError from the session (e.g. unknown codec): retrying soon will not fix it."""
+
+_BUSY_ERRORS = {"org.bluez.Error.InProgress", "org.bluez.Error.NotReady",
+                "org.bluez.Error.AlreadyConnected", "org.bluez.Error.Busy"}
+_AUTH_ERRORS = {"org.bluez.Error.AuthenticationFailed", "org.bluez.Error.AuthenticationRejected",
+                "org.bluez.Error.NotAuthorized", "org.bluez.Error.NotPermitted",
+                "org.bluez.Error.AuthenticationCanceled"}
+_MISSING_ERRORS = {"org.bluez.Error.DoesNotExist", "org.freedesktop.DBus.Error.UnknownObject"}
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """Sort an exception from finding/connecting/setting up into a failure kind."""
+    if isinstance(exc, BridgeError):
+        return DEVICE_MISSING if isinstance(exc, DeviceNotFoundError) else DEVICE_PROBLEM
+    if isinstance(exc, BleakBluetoothNotAvailableError):
+        return ADAPTER_OFF
+    if isinstance(exc, BleakCharacteristicNotFoundError):
+        return WRONG_DEVICE
+    if isinstance(exc, BleakDeviceNotFoundError):
+        return DEVICE_MISSING
+    if isinstance(exc, BleakDBusError):
+        if exc.dbus_error in _BUSY_ERRORS:
+            return BUSY
+        if exc.dbus_error in _AUTH_ERRORS or "authentication" in str(exc).lower():
+            return AUTH
+        if exc.dbus_error in _MISSING_ERRORS:
+            return DEVICE_MISSING
+        if exc.dbus_error == "org.freedesktop.DBus.Error.ServiceUnknown":
+            return ADAPTER_OFF  # bluetoothd is not running
+        return TRANSIENT
+    if isinstance(exc, BleakError) and "not found" in str(exc).lower():
+        return DEVICE_MISSING  # stale BLEDevice: plain BleakError (bluez-for-tests.md §9.2)
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return ADAPTER_OFF  # no system D-Bus socket
+    return TRANSIENT
+
+
+def backoff_seconds(failures: int, options: LinkOptions, kind: FailureKind,
+                    rand: Callable[[], float] = random.random) -> float:
+    """Capped exponential back-off with jitter for the ``failures``-th consecutive failure."""
+    base = options.reconnect_min_seconds * (2 ** max(0, failures - 1))
+    base = min(options.reconnect_max_seconds, max(base, kind.min_backoff))
+    return base * (0.5 + rand() / 2)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class LinkSupervisor:
+    """Connects, supervises and reconnects one device forever; see the module docstring."""
+
+    def __init__(self, device: DeviceConfig, options: LinkOptions,
+                 session_factory: Callable[[], Any], stats: LinkStats, *,
+                 service_uuids: Sequence[str], raise_errors: bool = False,
+                 on_link_down: Callable[[], None] | None = None,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.device = device
+        self.options = options
+        self.stats = stats
+        self.service_uuids = list(service_uuids)
+        self.raise_errors = raise_errors
+        self._session_factory = session_factory
+        self._on_link_down = on_link_down
+        self._rand = rand
+        self._expected_disconnect = False
+        self._lost = asyncio.Event()
+        self.session: Any = None
+        """The session of the current (or last) connection."""
+        self._connections = 0
+        self._last_kind: FailureKind | None = None
+        self.connected_event = asyncio.Event()
+        """Set while connected (tests and ``listen`` wait on it)."""
+        self.disconnected_event = asyncio.Event()
+        """Set while not connected (cleared by a connect, set when that connection is over)."""
+        self.disconnected_event.set()
+
+    @property
+    def label(self) -> str:
+        return self.device.label
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                reason = await self._async_connection(stop)
+            except asyncio.CancelledError:
+                raise
+            except BridgeError as exc:
+                if self.raise_errors and not isinstance(exc, DeviceNotFoundError):
+                    raise
+                failures += 1
+                self._failed(exc, classify(exc), failures)
+                delay = backoff_seconds(failures, self.options, classify(exc), self._rand)
+            except Exception as exc:  # never crash: every failure becomes a back-off
+                failures += 1
+                kind = classify(exc)
+                if self.raise_errors and kind is WRONG_DEVICE:
+                    raise BridgeError(f"{self.label}: {exc}", kind.advice) from exc
+                self._failed(exc, kind, failures)
+                delay = backoff_seconds(failures, self.options, kind, self._rand)
+            else:
+                if reason == "stop":
+                    break
+                if reason == "silent":
+                    # Connected but never a byte of data (e.g. MTU < 100, or another app holds the
+                    # audio): reconnecting at once would repeat forever, so back off like a failure.
+                    failures += 1
+                    delay = backoff_seconds(failures, self.options, TRANSIENT, self._rand)
+                else:
+                    failures = 0
+                    # The link was up and went away: the device is probably still in range.
+                    delay = self.options.reconnect_min_seconds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    def _failed(self, exc: BaseException, kind: FailureKind, failures: int) -> None:
+        text = str(exc) or type(exc).__name__
+        self.stats.last_error = text
+        if kind is not self._last_kind:
+            hint = getattr(exc, "hint", "") or kind.advice
+            _LOGGER.warning("%s %s: %s (%s)", self.label, kind.name, text, hint)
+            if kind is TRANSIENT and not isinstance(exc, (BleakError, TimeoutError)):
+                _LOGGER.debug("%s unexpected error", self.label, exc_info=exc)
+        else:
+            _LOGGER.debug("%s %s again (%d failures): %s", self.label, kind.name, failures, text)
+        self._last_kind = kind
+
+    async def _async_find(self, stop: asyncio.Event) -> BLEDevice:
+        address = self.device.address.upper()
+        bluez = {"adapter": self.options.adapter} if self.options.adapter else {}
+        adapter = await BleakAdapter.get(bluez=bluez)  # type: ignore[arg-type]
+        for dev in await adapter.get_connected_devices(self.service_uuids):
+            if dev.address.upper() == address:
+                _LOGGER.info("%s is still connected in BlueZ; re-attaching", self.label)
+                return dev
+        found = await _until_stop(stop, BleakScanner.find_device_by_address(
+            address, timeout=self.options.scan_timeout_seconds, bluez=bluez))  # type: ignore[arg-type]
+        if found is None:
+            raise DeviceNotFoundError(
+                f"{self.label} ({address}) was not seen in {self.options.scan_timeout_seconds:g} s",
+                DEVICE_MISSING.advice)
+        return found
+
+    async def _async_connection(self, stop: asyncio.Event) -> str:
+        """One connection from lookup to its end; returns why it ended: "stop" (asked to),
+        "lost" (link loss), "watchdog" (data stopped) or "silent" (no data at all)."""
+        device = await self._async_find(stop)
+        if stop.is_set():
+            return "stop"
+        self._lost.clear()
+        self._expected_disconnect = False
+        client = BleakClient(device, self._on_disconnected, timeout=self.options.connect_timeout_seconds,
+                             bluez={"adapter": self.options.adapter} if self.options.adapter else {})
+        await _until_stop(stop, client.connect())
+        if stop.is_set():
+            await self._async_disconnect(client)
+            return "stop"
+        session = self._session_factory()
+        self.session = session
+        try:
+            async with asyncio.timeout(self.options.connect_timeout_seconds):
+                await session.async_start(client)
+        except BaseException:
+            session.connection_lost()
+            await self._async_disconnect(client)
+            raise
+        self._connections += 1
+        if self._connections > 1:
+            self.stats.reconnects += 1
+        self.stats.connected = True
+        self.stats.connected_since = datetime.now(UTC)
+        self.stats.last_error = None
+        self._last_kind = None
+        self.connected_event.set()
+        self.disconnected_event.clear()
+        _LOGGER.info("%s connected%s", self.label,
+                     "" if self.label == device.address else f" ({device.address})")
+        connected_at = time.monotonic()
+        reason = "stop"
+        try:
+            while not stop.is_set():
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait())]
+                _done, pending = await asyncio.wait(waiters, timeout=TICK_SECONDS,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
+                if self._lost.is_set():
+                    reason = "lost"
+                    break
+                last = session.last_activity
+                if time.monotonic() - (last or connected_at) > self.options.watchdog_seconds:
+                    reason = "watchdog" if last is not None else "silent"
+                    break
+        finally:
+            self.stats.connected = False
+            self.connected_event.clear()
+            if reason == "lost":
+                _LOGGER.warning("%s link lost; reconnecting", self.label)
+            elif reason in ("watchdog", "silent"):
+                _LOGGER.warning("%s sent no data for %g s%s; reconnecting", self.label,
+                                self.options.watchdog_seconds,
+                                "" if reason == "watchdog" else " since connecting")
+            if reason != "lost":
+                stop_hook = getattr(session, "async_stop", None)
+                if stop_hook is not None and client.is_connected:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(DISCONNECT_TIMEOUT):
+                            await stop_hook(client)
+                await self._async_disconnect(client)
+            session.connection_lost()
+            if self._on_link_down is not None:
+                self._on_link_down()
+            self.disconnected_event.set()
+        return reason
+
+    async def _async_disconnect(self, client: BleakClient) -> None:
+        self._expected_disconnect = True
+        try:
+            async with asyncio.timeout(DISCONNECT_TIMEOUT):
+                await client.disconnect()
+        except Exception as exc:  # the link may already be gone; nothing to do about it
+            _LOGGER.debug("%s disconnect: %s", self.label, exc)
+
+    def _on_disconnected(self, _client: BleakClient) -> None:
+        if self._expected_disconnect:
+            _LOGGER.debug("%s disconnected (by us)", self.label)
+            return
+        self._lost.set()
+
+
+async def _until_stop(stop: asyncio.Event, coro: Any) -> Any:
+    """Await ``coro`` unless ``stop`` is set first (then cancel it and return None)."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+    return task.result()
+
+
+def session_class(kind: str) -> Any:
+    """The session class for a device kind (``SESSION_KINDS``)."""
+    try:
+        module_name, cls_name = SESSION_KINDS[kind].split(":")
+    except KeyError:
+        raise BridgeError(f"unknown device kind {kind!r}",
+                          f"kind must be one of {', '.join(SESSION_KINDS)}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise BridgeError(f"{kind} devices are not supported by this build of omi-bridge",
+                          f"{module_name} is missing; update omi-bridge") from None
+    return getattr(module, cls_name)
+
+
+class DeviceLink:
+    """One paired device's link, audio timeline and stats: what the daemon runs per device.
+
+    ``sink`` receives the device's 16 kHz timeline; ``on_stats`` gets the live ``LinkStats``
+    about once a second and on every connect/disconnect. ``extra`` goes to the session
+    (``SessionContext.extra``): ``{"frame": FrameOptions}`` for Frame, ``{"on_button":
+    callable(int)}`` for Omi button events. With ``raise_errors`` a ``BridgeError`` from the
+    session (e.g. an unknown codec) ends ``run()`` instead of being retried (``listen`` uses it).
+    """
+
+    def __init__(self, device: DeviceConfig, options: LinkOptions, sink: PcmSink,
+                 on_stats: Callable[[LinkStats], None] | None = None, *,
+                 extra: dict[str, Any] | None = None, raise_errors: bool = False) -> None:
+        self.device = device
+        self.options = options
+        self.stats = LinkStats()
+        self.timeline = AudioTimeline(sink)
+        self.on_stats = on_stats
+        self.context = SessionContext(device, self.timeline, self.stats, options, dict(extra or {}))
+        cls = session_class(device.kind)
+        self._fill_quiet = bool(getattr(cls, "FILL_QUIET", False))
+        """Sessions whose device may go quiet while connected set ``FILL_QUIET`` (Omi); Frame
+        reports its mic pauses itself and opens the gap on that signal."""
+        self.supervisor = LinkSupervisor(
+            device, options, lambda: cls(self.context), self.stats,
+            service_uuids=cls.SERVICE_UUIDS, raise_errors=raise_errors,
+            on_link_down=self.timeline.link_down)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the link until ``stop`` is set; then disconnect and return."""
+        ticker = asyncio.create_task(self._tick(stop))
+        try:
+            await self.supervisor.run(stop)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self._report()
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+            if not self.stats.connected:
+                self.timeline.catch_up()
+            elif self._fill_quiet:
+                # A pendant may pause notifications on silence yet stay connected (AAD,
+                # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile. Packets
+                # still buffered (a stalled loop) are handed on first, so they are not taken
+                # for a pause.
+                flush = getattr(self.supervisor.session, "flush", None)
+                if flush is not None:
+                    flush()
+                self.timeline.quiet()
+            self.stats.samples_written = self.timeline.samples_written
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_stats is not None:
+            try:
+                self.on_stats(self.stats)
+            except Exception:
+                _LOGGER.exception("%s on_stats callback failed", self.device.label)

@@ -1,0 +1,1 @@
+"""Transcription: one worker thread that turns spooled utterance windows into segments."""
