@@ -176,6 +176,36 @@ class LocationOptions:
 
 
 @dataclass(frozen=True)
+class MqttOptions:
+    """Home Assistant over MQTT with discovery ([mqtt]); off unless enabled."""
+
+    enabled: bool = _f(False, "Publish state and events to an MQTT broker, with Home Assistant discovery.")
+    host: str = _f("localhost", "Broker host name or address.")
+    port: int = _f(1883, "Broker port (1883; usually 8883 with TLS).", min=1, max=65535)
+    username: str = _f("", "User name; empty connects anonymously.")
+    password: str = _f("", "Password; prefer password_file (this file is often readable by more users).")
+    password_file: str = _f("", "File holding the password (keep it readable by the service only).")
+    tls: bool = _f(False, "Connect with TLS, checking the broker's certificate.")
+    tls_ca_file: str = _f("", "CA certificate(s) to check the broker against (default: the system's).")
+    topic_prefix: str = _f("omi-bridge", "First level of every state topic; give each bridge on one "
+                           "broker its own.")
+    discovery_prefix: str = _f("homeassistant", "Home Assistant's discovery prefix (a setting of its "
+                               "MQTT integration).")
+    events: bool = _f(True, "Also publish button presses and delivered conversations as Home "
+                      "Assistant event entities.")
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """Prometheus metrics on an HTTP /metrics endpoint ([metrics]); off unless enabled."""
+
+    enabled: bool = _f(False, "Serve Prometheus metrics over HTTP.")
+    address: str = _f("127.0.0.1", "Address to listen on; 0.0.0.0 lets other machines scrape "
+                      "(the metrics hold device names and addresses).")
+    port: int = _f(9858, "TCP port of the /metrics endpoint.", min=1, max=65535)
+
+
+@dataclass(frozen=True)
 class LogOptions:
     """Logging ([log])."""
 
@@ -196,6 +226,8 @@ class Config:
     api: ApiOptions = field(default_factory=ApiOptions)
     storage: StorageOptions = field(default_factory=StorageOptions)
     location: LocationOptions = field(default_factory=LocationOptions)
+    mqtt: MqttOptions = field(default_factory=MqttOptions)
+    metrics: MetricsOptions = field(default_factory=MetricsOptions)
     log: LogOptions = field(default_factory=LogOptions)
     path: str = field(default="", metadata={"internal": True})
     """The file this was read from ("" for built-in defaults)."""
@@ -324,6 +356,13 @@ def _cross_checks(config: Config) -> list[str]:
     loc = config.location
     if (loc.latitude is None) != (loc.longitude is None):
         problems.append("[location] needs both latitude and longitude, or neither")
+    mqtt = config.mqtt
+    if mqtt.password and mqtt.password_file:
+        problems.append("[mqtt] has both password and password_file; keep one")
+    for key in ("topic_prefix", "discovery_prefix"):
+        value = getattr(mqtt, key)
+        if not value.strip("/") or any(c in value for c in "+#"):
+            problems.append(f"[mqtt] {key} must be a topic without + or #, not {value!r}")
     return problems
 
 
