@@ -22,8 +22,8 @@ from bridge.config import AsrOptions, Config, ConversationOptions
 from bridge.core.pcm import SAMPLE_RATE
 
 CORPUS_ENV = "OMI_BRIDGE_CORPUS"
-"""Overrides where the shared speech corpus is (default: ../shared/corpus beside the repo)."""
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+"""Overrides where the speech corpus is (default: the clips in tests/data, see its NOTICE.md)."""
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 CORPUS_CLIPS = ("jfk.flac", "monologue.wav", "ljspeech/LJ001-0002.wav", "ljspeech/LJ001-0004.wav",
                 "ljspeech/LJ001-0006.wav", "ljspeech/LJ001-0008.wav", "ljspeech/LJ001-0013.wav")

@@ -108,7 +108,7 @@ def pipeline_text(pcm: np.ndarray, worker: AsrWorker, *, label: str = "bench") -
 def run(res: Results) -> None:
     clips = load_corpus(res.quick)
     if not clips:
-        why = "speech corpus not found (../shared/corpus or $OMI_BRIDGE_CORPUS)"
+        why = "speech corpus not found (tests/data or $OMI_BRIDGE_CORPUS)"
         for key in ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"):
             res.skip(key, why)
         print(f"speech: SKIPPED — {why}")

@@ -1,6 +1,6 @@
 """The speech path as a live device sees it (issue 3's goals), next to whole-file faster-whisper.
 
-A simulated live stream built from the corpus (../shared/corpus): lead-in, conversation A (three
+A simulated live stream built from the corpus (tests/data): lead-in, conversation A (three
 clips, 1.5–2 s apart), room noise longer than the conversation gap, conversation B (the monologue
 and two clips), then room noise again until B's gap has passed. It is written in 20 ms chunks,
 paced at ``--speed`` × real time, into the real ``SpeechPipeline`` with the real shared
@@ -45,7 +45,7 @@ from bridge.core.records import Conversation, Segment
 from bridge.speech.asr.worker import AsrWorker, load_model
 from bridge.speech.pipeline import SpeechPipeline
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data"
 CHUNK = 320
 """20 ms writes, like the Omi driver (one 20 ms CELT frame per write)."""
 LOUD_RMS = 300

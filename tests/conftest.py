@@ -66,3 +66,39 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
     yield sock, path
     sock.close()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- no silent skips
+# A skipped test is a test a fresh clone does not run, so `make test` fails when one is skipped,
+# unless it is marked ``hardware`` (it needs a real pendant, glasses or adapter, which CI lacks).
+
+HARDWARE_MARKER = "hardware"
+_unexpected_skips: list[str] = []
+
+
+def _record_skip(report: pytest.TestReport | pytest.CollectReport, allowed: bool) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and not allowed:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report, HARDWARE_MARKER in report.keywords)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A whole module skipped at import time (pytest.importorskip, a module-level skip).
+    _record_skip(report, False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _unexpected_skips:
+        terminalreporter.section("skipped tests fail the run (mark them 'hardware' if they need a device)",
+                                 sep="=", red=True, bold=True)
+        for line in _unexpected_skips:
+            terminalreporter.line(line)

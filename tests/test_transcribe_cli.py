@@ -20,7 +20,8 @@ pytestmark = pytest.mark.asr
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sim" / "omi_bridge_sim" / "assets" / "demo_speech.flac"
-STEREO = ROOT.parent / "shared" / "corpus" / "stereo_diarization.wav"
+STEREO = ROOT / "tests" / "data" / "stereo_diarization.wav"
+"""Two speakers at once, one per channel (tests/data/NOTICE.md)."""
 TIMEOUT = 300.0
 
 
@@ -34,7 +35,7 @@ def transcribe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_json_prints_one_valid_request_body_per_conversation(tmp_path: Path) -> None:
     audio = tmp_path / "memo.flac"
     shutil.copy(DEMO, audio)
-    files = [str(audio)] + ([str(STEREO)] if STEREO.exists() else [])
+    files = [str(audio), str(STEREO)]
     run = transcribe(tmp_path, *files, "--json")
     assert run.returncode == 0, run.stderr
     bodies = json.loads(run.stdout)
@@ -53,8 +54,8 @@ def test_json_prints_one_valid_request_body_per_conversation(tmp_path: Path) -> 
         assert [s["start"] for s in segs] == sorted(s["start"] for s in segs)
         for s in segs:
             assert s["text"].strip() and 0 <= s["start"] < s["end"]
-    if STEREO.exists():  # two speakers at once: Whisper's words vary (temperature fallback)
-        assert any(s["text"].strip() for s in bodies[1]["transcript_segments"])
+    # Two speakers at once: Whisper's words vary (temperature fallback), but some come out.
+    assert any(s["text"].strip() for s in bodies[1]["transcript_segments"])
 
     # The same recording imported again (another name, another start) is the same conversation.
     again = tmp_path / "copy.flac"
