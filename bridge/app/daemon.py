@@ -1,7 +1,7 @@
 """``omi-bridge run``: every paired device → its speech pipeline → one transcription worker →
 the outbox → Omi, supervised, under systemd.
 
-Task layout (style.md: one task per external thing, each restarts itself and says why):
+Task layout (one task per external thing; each restarts itself and says why):
 
 - one task per ``[[devices]]`` entry: the device's ``DeviceLink`` writing into its own
   ``SpeechPipeline`` (``source`` = the device kind). A failure there is logged with the device

@@ -40,7 +40,7 @@ lets the timeline catch up with wall clock while the link is down or the device 
 but quiet (``AudioTimeline.quiet``) and reports ``LinkStats``
 through ``on_stats``.
 
-Policy (style.md, Home Assistant's bleak-retry-connector):
+Policy (after Home Assistant's bleak-retry-connector):
 
 - Failures are sorted into kinds (adapter, device missing, busy, auth, transient, device
   problem); each kind has a minimum back-off and advice for a human, logged once per change
