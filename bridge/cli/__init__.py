@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what the running daemon is doing")
     _common(p)
 
+    p = sub.add_parser("doctor", help="check this machine for what keeps the bridge from working")
+    _common(p)
+
     p = sub.add_parser("demo", help="the whole bridge with a simulated device and a local API")
     p.add_argument("--kind", choices=("omi", "frame"), default="omi",
                    help="simulated device kind (default omi)")
@@ -127,6 +130,11 @@ def _check_config(args: argparse.Namespace) -> int:
     return cmd_check_config(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from bridge.cli.doctor import cmd_doctor
+    return cmd_doctor(args)
+
+
 def _status(args: argparse.Namespace) -> int:
     from bridge.cli.status import cmd_status
     return cmd_status(args)
@@ -140,6 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scan": _scan, "listen": _listen, "pair": _pair, "transcribe": _transcribe, "outbox": _outbox,
     "run": _run, "check-config": _check_config, "status": _status, "demo": _demo,
+    "doctor": _doctor,
 }
 
 
