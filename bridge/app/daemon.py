@@ -36,11 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bridge.app.events import BridgeEvent, ButtonPressed, ConversationPosted, EventListener
 from bridge.app.preflight import async_adapter_problem
 from bridge.app.state import DaemonLock, publish_dir, remove_state, write_state
 from bridge.app.systemd import Notifier, under_journald
 from bridge.config import Config, DeviceConfig
 from bridge.core.errors import BridgeError
+from bridge.core.health import AsrHealth, DeviceHealth, HealthSnapshot, OutboxHealth
 from bridge.core.records import Conversation
 from bridge.core.stats import LinkStats
 
@@ -104,6 +106,7 @@ class DeviceState:
     task_error: str | None = None
     disconnected_since: datetime | None = None
     restarts: int = 0
+    button_presses: int = 0
 
 
 class Daemon:
@@ -132,6 +135,13 @@ class Daemon:
         self.last_conversation: dict[str, Any] | None = None
         self.on_enqueued: Callable[[Conversation], None] | None = None
         """Test/demo hook, called after a conversation is committed to the outbox."""
+        self.requests: dict[str, int] = {}
+        """Omi API answers since start by status code ("network": no answer)."""
+        self.last_posted_at: datetime | None = None
+        self.listeners: list[EventListener] = []
+        """Told of button presses and delivered conversations, on the event loop (MQTT)."""
+        self.health: HealthSnapshot | None = None
+        """The newest snapshot, replaced each housekeeping tick; safe to read from any thread."""
 
     # ------------------------------------------------------------------ conversations
 
@@ -190,11 +200,14 @@ class Daemon:
                 self.devices.append(DeviceState(dev, pipeline))
             self._set_phase("recovering interrupted conversations")
             for state in self.devices:
-                found = await asyncio.to_thread(state.pipeline.recover)
+                # resume: a conversation the crash interrupted continues with this run's audio.
+                found = await asyncio.to_thread(state.pipeline.recover, resume=True)
                 if found:
                     _LOGGER.info("%s: %d interrupted conversation(s) recovered", state.device.label, found)
             await asyncio.to_thread(self._recover_orphans, SpeechPipeline)
+            self.sender.on_outcome = self._on_outcome
             tasks.append(asyncio.create_task(self._supervise("outbox sender", self.sender.run, stop)))
+            tasks += self._start_publishers(stop)
             tasks.append(asyncio.create_task(self._housekeeping(stop)))
             await self._async_wait_for_adapter(stop)
             if stop.is_set():
@@ -293,6 +306,7 @@ class Daemon:
         dev = state.device
         delay = DEVICE_RESTART_MIN_SECONDS
         extra: dict[str, Any] = {"frame": self.config.frame} if dev.kind == "frame" else {}
+        extra["on_button"] = lambda code, s=state: self._on_button(s, code)
         while not stop.is_set():
             try:
                 link = DeviceLink(dev, self.config.link, state.pipeline,
@@ -312,6 +326,46 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, DEVICE_RESTART_MAX_SECONDS)
+
+    def _on_button(self, state: DeviceState, code: int) -> None:
+        state.button_presses += 1
+        self._announce(ButtonPressed(state.device.label, state.device.address, code))
+
+    def _on_outcome(self, item: Any, outcome: Any) -> None:
+        """The API answered (or did not): count it; a delivered conversation is announced."""
+        from bridge.outbox.client import Kind
+
+        code = str(outcome.status_code) if outcome.status_code is not None else "network"
+        self.requests[code] = self.requests.get(code, 0) + 1
+        self._outbox_checked = 0.0
+        if outcome.kind is Kind.SENT:
+            self.last_posted_at = datetime.now(UTC)
+            self._announce(ConversationPosted(item.device or "", item.client_session_id,
+                                              outcome.server_id or "", bool(outcome.discarded)))
+
+    def _announce(self, event: BridgeEvent) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener must never disturb capture or delivery
+                _LOGGER.exception("event listener failed for %s", event)
+
+    def _start_publishers(self, stop: asyncio.Event) -> list[asyncio.Task[Any]]:
+        """MQTT and Prometheus, when configured: tasks of their own that only read snapshots."""
+        tasks = []
+        if self.config.mqtt.enabled:
+            from bridge.app.mqtt import MqttPublisher
+
+            publisher = MqttPublisher(self.config.mqtt, self.snapshot)
+            self.listeners.append(publisher.post_event)
+            tasks.append(asyncio.create_task(self._supervise("MQTT publisher", publisher.run, stop)))
+        if self.config.metrics.enabled:
+            from bridge.app.metrics import serve
+
+            options = self.config.metrics
+            tasks.append(asyncio.create_task(self._supervise(
+                "metrics endpoint", lambda s: serve(options, lambda: self.health, s), stop)))
+        return tasks
 
     def _on_stats(self, state: DeviceState, stats: LinkStats) -> None:
         state.stats = stats
@@ -413,7 +467,41 @@ class Daemon:
             "last_conversation": self.last_conversation,
         }
 
+    def snapshot(self) -> HealthSnapshot:
+        """The bridge's health now (call on the event loop)."""
+        devices = []
+        for d in self.devices:
+            st = d.stats
+            devices.append(DeviceHealth(
+                name=d.device.label, address=d.device.address, kind=d.device.kind,
+                connected=st.connected, battery=st.battery, firmware=st.firmware,
+                last_audio_at=st.last_audio_at, notifications=st.packets, frames=st.frames,
+                frames_lost=st.lost_frames, reconnects=st.reconnects,
+                speech_seconds=float(getattr(d.pipeline, "speech_seconds", 0.0)),
+                button_presses=d.button_presses, task_failures=d.restarts))
+        asr = AsrHealth()
+        if self.worker is not None:
+            h = self.worker.health()
+            asr = AsrHealth(alive=h.alive, backlog_seconds=self.backlog_seconds(),
+                            windows=h.windows_done, errors=h.errors,
+                            audio_seconds=float(getattr(self.worker, "speech_seconds", 0.0)),
+                            busy_seconds=float(getattr(self.worker, "busy_seconds", 0.0)))
+        ob = self.outbox_status()
+        counts = ob.get("counts") or {}
+        outbox = OutboxHealth(
+            queued=counts.get("queued", 0) + counts.get("waiting", 0), sent=counts.get("sent", 0),
+            dead=counts.get("dead", 0), writes_last_hour=ob.get("writes_last_hour") or 0,
+            writes_per_hour=ob.get("writes_per_hour") or self.config.api.writes_per_hour,
+            requests=dict(self.requests), last_posted_at=self.last_posted_at)
+        return HealthSnapshot(taken_at=datetime.now(UTC), started_at=self.started_at, ready=self.ready,
+                              devices=tuple(devices), asr=asr, outbox=outbox,
+                              conversations_queued=self.enqueued)
+
     def _publish(self) -> None:
+        try:
+            self.health = self.snapshot()
+        except Exception as exc:  # never let a snapshot stop capture
+            _LOGGER.debug("cannot take a health snapshot: %s", exc)
         try:
             write_state(self.state_dir, self.state())
         except Exception as exc:  # a full disk must not stop capture; status will show it stale
