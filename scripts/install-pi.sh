@@ -154,7 +154,7 @@ if [ -z "$ROOT" ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
     fi
 else
-    say "--root: not installing Debian packages (the target needs: ${APT_PACKAGES[*]})"
+    say "--root: skipping apt (the target system needs: ${APT_PACKAGES[*]})"
 fi
 
 # --- service user ----------------------------------------------------------------------------
