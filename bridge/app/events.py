@@ -14,7 +14,8 @@ class ButtonPressed:
     """The device's name (label)."""
     address: str
     code: int
-    """The event code the device sent (omi-device.md §8; bridge.core.gatt.BUTTON_EVENTS)."""
+    """The event code the device sent (docs/reference/omi-device.md §8;
+    ``bridge.core.gatt.BUTTON_EVENTS``)."""
 
 
 @dataclass(frozen=True)

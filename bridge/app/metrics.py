@@ -7,7 +7,7 @@ files). prometheus-client serves HTTP on a thread of its own; the collector only
 snapshot the daemon last published (an immutable object, swapped by reference), never the
 daemon's live parts.
 
-Names follow the Prometheus conventions (prometheus-naming.md §1): one ``omi_bridge_`` prefix,
+Names follow the Prometheus conventions (docs/reference/prometheus-naming.md §1): one ``omi_bridge_`` prefix,
 base units (seconds, bytes, ratios 0–1), ``_total`` on counters, ``_timestamp_seconds`` on Unix
 times. Counters count since the daemon started (Prometheus' ``rate()`` handles the restarts).
 """

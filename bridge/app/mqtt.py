@@ -2,11 +2,13 @@
 
 Off unless ``[mqtt] enabled``. One task (``MqttPublisher.run``) owns the broker connection:
 
+The Home Assistant side is summarised, with sources, in docs/reference/home-assistant-mqtt.md.
+
 - On connect it sets a last will (``<topic_prefix>/status`` = ``offline``, retained) and publishes
   ``online`` there, then one retained discovery config per entity under
-  ``<discovery_prefix>/<component>/<node>/<entity>/config`` (home-assistant-mqtt.md §1–§3), then
-  every state. Home Assistant restarting announces itself on ``<discovery_prefix>/status``; the
-  configs and states are sent again then (§4).
+  ``<discovery_prefix>/<component>/<node>/<entity>/config`` (§1–§3), then every state. Home
+  Assistant restarting announces itself on ``<discovery_prefix>/status``; the configs and states
+  are sent again then (§4).
 - Every ``PUBLISH_SECONDS`` it reads the daemon's health snapshot and publishes the states that
   changed (retained, so Home Assistant shows them at once after its own restart).
 - Button presses and delivered conversations are event entities (§5); they reach the task
@@ -48,14 +50,15 @@ _LOGGER = logging.getLogger(__name__)
 
 ONLINE = "online"
 OFFLINE = "offline"
-"""Availability payloads; Home Assistant's defaults (home-assistant-mqtt.md §3)."""
+"""Availability payloads; Home Assistant's defaults (docs/reference/home-assistant-mqtt.md §3)."""
 HA_BIRTH_SUFFIX = "status"
-"""Home Assistant publishes ``online`` on ``<discovery_prefix>/status`` when it (re)starts (§4)."""
+"""Home Assistant publishes ``online`` on ``<discovery_prefix>/status`` when it (re)starts
+(docs/reference/home-assistant-mqtt.md §4)."""
 STATE_ON = "ON"
 STATE_OFF = "OFF"
-"""binary_sensor payload_on / payload_off defaults (§2)."""
+"""binary_sensor payload_on / payload_off defaults (docs/reference/home-assistant-mqtt.md §2)."""
 UNKNOWN = "None"
-"""A sensor payload of ``None`` sets the state to unknown (§2)."""
+"""A sensor payload of ``None`` sets the state to unknown (docs/reference/home-assistant-mqtt.md §2)."""
 QOS = 1
 """At least once: a retained state or config is never lost to a dropped packet."""
 
@@ -76,11 +79,11 @@ EVENT_QUEUE_SIZE = 100
 
 MANUFACTURERS = {"omi": ("Based Hardware", "Omi"), "frame": ("Brilliant Labs", "Frame")}
 BUTTON_EVENT_TYPES = {code: name.replace(" ", "_") for code, name in BUTTON_EVENTS.items()}
-"""Omi button codes (omi-device.md §8) as Home Assistant event types."""
+"""Omi button codes (docs/reference/omi-device.md §8) as Home Assistant event types."""
 
 
 def _slug(text: str) -> str:
-    """Characters allowed in a discovery node / object id (home-assistant-mqtt.md §1)."""
+    """Characters allowed in a discovery node / object id (docs/reference/home-assistant-mqtt.md §1)."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "omi_bridge"
 
 
@@ -137,7 +140,7 @@ POSTED = Entity("event", "conversation_posted", "Conversation posted", {"event_t
 
 
 class Topics:
-    """Every topic name, from the two prefixes (home-assistant-mqtt.md §1)."""
+    """Every topic name, from the two prefixes (docs/reference/home-assistant-mqtt.md §1)."""
 
     def __init__(self, options: MqttOptions) -> None:
         self.prefix = options.topic_prefix.strip("/")
@@ -201,7 +204,8 @@ def wearable_device(device: DeviceHealth, topics: Topics) -> dict[str, Any]:
 
 def _config(entity: Entity, unique_id: str, state_topic: str, device: dict[str, Any],
             topics: Topics) -> dict[str, Any]:
-    """A discovery payload with what Home Assistant requires for a device entity (§2)."""
+    """A discovery payload with what Home Assistant requires of a device's entity
+    (docs/reference/home-assistant-mqtt.md §2)."""
     return {"name": entity.name, "unique_id": unique_id, "state_topic": state_topic,
             "availability": [{"topic": topics.availability, "payload_available": ONLINE,
                               "payload_not_available": OFFLINE}],
@@ -249,7 +253,8 @@ def states(snapshot: HealthSnapshot, topics: Topics) -> dict[str, str]:
 
 
 def event_message(event: BridgeEvent, topics: Topics) -> tuple[str, dict[str, Any]] | None:
-    """An event entity's topic and payload (§5), or None for an event type it does not know."""
+    """An event entity's topic and payload (docs/reference/home-assistant-mqtt.md §5), or None
+    for an event it has no entity for."""
     if isinstance(event, ButtonPressed):
         kind = BUTTON_EVENT_TYPES.get(event.code)
         if kind is None:
