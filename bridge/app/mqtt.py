@@ -188,8 +188,8 @@ def _origin() -> dict[str, str]:
 def bridge_device(topics: Topics) -> dict[str, Any]:
     from bridge import __version__
 
-    return {"identifiers": [topics.bridge_id], "name": f"Omi bridge ({socket.gethostname()})",
-            "manufacturer": "omi-bridge", "model": "omi-bridge", "sw_version": __version__}
+    return {"identifiers": [topics.bridge_id], "name": "Omi bridge", "manufacturer": "omi-bridge",
+            "model": f"omi-bridge on {socket.gethostname()}", "sw_version": __version__}
 
 
 def wearable_device(device: DeviceHealth, topics: Topics) -> dict[str, Any]:
