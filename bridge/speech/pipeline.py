@@ -7,6 +7,11 @@ A conversation is handed to ``on_conversation`` once it is closed *and* fully tr
 
 Everything a restart needs is on disk, so ``recover()`` after a crash finishes interrupted
 conversations (their ``finished_at`` is the end of the last speech heard) and hands them on once.
+With ``resume=True`` (the daemon, for a device it still serves) the newest interrupted conversation
+stays open instead when its last speech is younger than ``[conversation] gap_seconds``: the first
+audio after the restart continues it on its own timeline (the time the daemon was down is a gap in
+its segment times, not a shift), and the utterance the crash cut is continued rather than
+transcribed as a fragment. A restart inside a sentence thus leaves no mark on what Omi receives.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,16 +43,34 @@ _LOGGER = logging.getLogger(__name__)
 SPOOL_ERROR_LOG_SECONDS = 60.0
 """A full disk fails every frame; one log line a minute is enough to be noticed."""
 
+JOIN_MAX_SECONDS = 30.0
+"""The longest recording gap across which an utterance cut by a crash is continued: a restart
+(process start, model load, BLE reconnect) takes seconds; a longer gap is a pause in speech, and the
+first half is transcribed on its own."""
+
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
 
 
 class _OpenUtterance:
-    def __init__(self, conv: OpenConversation, utt: Utterance, start: int) -> None:
+    def __init__(self, conv: OpenConversation, utt: Utterance, start: int,
+                 writer: spool.PcmWriter | None = None) -> None:
         self.conv = conv
         self.utt = utt
         self.start = start  # on the stream timeline
-        self.writer = spool.PcmWriter(conv.pcm_path(utt.key))
+        self.writer = writer or spool.PcmWriter(conv.pcm_path(utt.key))
+
+
+@dataclass
+class _Resumable:
+    """An interrupted conversation waiting for this run's first audio to continue it."""
+
+    conv: OpenConversation
+    cut: Utterance | None
+    """The utterance the crash interrupted (its audio on disk, its end unknown), if any."""
+    last_speech: datetime
+    """Wall-clock end of the last speech on disk."""
+    timer: threading.Timer | None = None
 
 
 class SpeechPipeline:
@@ -98,6 +122,7 @@ class SpeechPipeline:
         self.emitted = 0
         """Conversations handed on."""
         self._last_spool_error = -SPOOL_ERROR_LOG_SECONDS
+        self._resumable: _Resumable | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -107,6 +132,8 @@ class SpeechPipeline:
         with self._lock:
             if self.anchor is None:
                 self.anchor = datetime.now(UTC) - timedelta(seconds=len(pcm) / SAMPLE_RATE)
+            if self._resumable is not None:
+                self._resume(self._resumable, ready)
             data = np.concatenate([self._rest, np.asarray(pcm, dtype=np.int16).reshape(-1)])
             # Whole batches only: the audio waits ≤ 128 ms for the VAD (vad.BATCH_FRAMES).
             n = len(data) // self._batch * self._batch
@@ -141,6 +168,8 @@ class SpeechPipeline:
         transcription completes on the worker (or, if it is stopped first, on ``recover``)."""
         ready: list[OpenConversation] = []
         with self._lock:
+            if self._resumable is not None:
+                self._close_resumable(self._resumable, ready)
             if len(self._rest):
                 pad = -len(self._rest) % FRAME_SAMPLES
                 self._frames(np.concatenate([self._rest, np.zeros(pad, np.int16)]), ready)
@@ -152,13 +181,17 @@ class SpeechPipeline:
                 self._close_conversation(self._conv, ready)
         self._hand_on(ready)
 
-    def recover(self) -> int:
+    def recover(self, *, resume: bool = False) -> int:
         """Finish conversations a previous run left on disk (crash, power cut, stopped worker):
-        transcribe their spooled speech and hand each on once. Returns how many were found."""
+        transcribe their spooled speech and hand each on once. Returns how many were found.
+        ``resume``: keep the newest one open for this run's audio when its gap has not passed
+        (see the module docstring); it closes by the usual gap rule, or by wall clock if no
+        audio comes."""
         found = 0
         ready: list[OpenConversation] = []
         with self._lock:
-            for path in sorted(p for p in self.dir.iterdir() if p.is_dir()):
+            paths = sorted(p for p in self.dir.iterdir() if p.is_dir() and p not in self._convs)
+            for path in paths:
                 if path in self._convs:
                     continue
                 conv = OpenConversation.load(path)
@@ -173,6 +206,8 @@ class SpeechPipeline:
                     continue
                 found += 1
                 self._convs[path] = conv
+                candidate = resume and not conv.closed and path == paths[-1]
+                cut: Utterance | None = None
                 for meta in sorted(path.glob("u*.json")):
                     key = meta.stem
                     data = spool.read_json(meta)
@@ -186,8 +221,13 @@ class SpeechPipeline:
                         conv.drop_utterance_files(key)
                         continue
                     utt = Utterance(key, int(data["offset"]), samples)
+                    if candidate and data["samples"] is None:
+                        cut = utt  # still being spoken when the process died
+                        continue
                     conv.utterances[key] = utt
                     conv.last_end = max(conv.last_end, utt.offset + samples)
+                if candidate and self._keep_open(conv, cut):
+                    continue
                 conv.closed = True
                 conv.save()
                 _LOGGER.info("%s: recovering conversation %s (%.1f s of speech to transcribe)",
@@ -196,6 +236,92 @@ class SpeechPipeline:
                 self._maybe_ready(conv, ready)
         self._hand_on(ready)
         return found
+
+    # ------------------------------------------------------------------ resuming after a crash
+
+    def _keep_open(self, conv: OpenConversation, cut: Utterance | None) -> bool:
+        """Hold ``conv`` open for this run's first audio if its gap has not passed yet."""
+        end = max(conv.last_end, cut.offset + cut.samples if cut else 0)
+        last_speech = conv.started_at + timedelta(seconds=end / SAMPLE_RATE)
+        left = self.config.conversation.gap_seconds - (datetime.now(UTC) - last_speech).total_seconds()
+        if left <= 0:
+            if cut is not None:
+                self._accept_cut(conv, cut)
+            return False
+        # The saved next_index may predate the utterance in progress at the crash: new keys
+        # must never reuse the name of audio still on disk.
+        used = [int(p.stem[1:]) for p in conv.dir.glob("u*.json") if p.stem[1:].isdigit()]
+        conv.next_index = max([conv.next_index, *(i + 1 for i in used)])
+        r = _Resumable(conv, cut, last_speech)
+        # No audio at all (the device stays away): the gap rule then runs on the wall clock.
+        r.timer = threading.Timer(left, self._resume_expired, args=(r,))
+        r.timer.daemon = True
+        r.timer.start()
+        self._resumable = r
+        _LOGGER.info("%s: continuing interrupted conversation %s (last speech %.0f s ago)",
+                     self.label, conv.client_session_id, self.config.conversation.gap_seconds - left)
+        self._submit_packed(conv, conv.waiting)
+        return True
+
+    def _accept_cut(self, conv: OpenConversation, cut: Utterance) -> None:
+        """Take the cut utterance as it is on disk: it is transcribed on its own."""
+        conv.save_utterance(cut, complete=True)
+        conv.utterances[cut.key] = cut
+        conv.last_end = max(conv.last_end, cut.offset + cut.samples)
+        conv.save()
+
+    def _resume(self, r: _Resumable, ready: list[OpenConversation]) -> None:
+        """This run's first audio: continue the interrupted conversation, or close it if its gap
+        passed while the daemon was down. Sample 0 of this stream is ``self.anchor``."""
+        assert self.anchor is not None
+        self._resumable = None
+        if r.timer is not None:
+            r.timer.cancel()
+        down = (self.anchor - r.last_speech).total_seconds()
+        if down >= self.config.conversation.gap_seconds:
+            self._close_resumable(r, ready)
+            return
+        conv = r.conv
+        # Where the conversation started on this stream's timeline: before sample 0.
+        conv.start_sample = round((conv.started_at - self.anchor).total_seconds() * SAMPLE_RATE)
+        self._conv = conv
+        self._last_speech_end = conv.start_sample + conv.last_end
+        cut = r.cut
+        if cut is None:
+            return
+        if down > JOIN_MAX_SECONDS:
+            self._accept_cut(conv, cut)
+            self._submit_packed(conv, [cut])
+            return
+        # The audio missed while the daemon was down becomes silence of its true length, so the
+        # words after it keep their times; Whisper then hears the sentence whole.
+        start = conv.start_sample + cut.offset
+        writer = spool.PcmWriter(conv.pcm_path(cut.key), append=True)
+        missed = max(0, -(start + writer.samples))
+        writer.write(np.zeros(missed, dtype=np.int16))
+        self._utt = _OpenUtterance(conv, cut, start, writer)
+        self._ep.resume(start)
+        _LOGGER.info("%s: continuing the utterance cut by the restart (%.1f s missed)", self.label,
+                     missed / SAMPLE_RATE)
+
+    def _close_resumable(self, r: _Resumable, ready: list[OpenConversation]) -> None:
+        self._resumable = None
+        if r.timer is not None:
+            r.timer.cancel()
+        if r.cut is not None:
+            self._accept_cut(r.conv, r.cut)
+            self._submit_packed(r.conv, [r.cut])
+        r.conv.closed = True
+        r.conv.save()
+        _LOGGER.info("%s: interrupted conversation %s closed", self.label, r.conv.client_session_id)
+        self._maybe_ready(r.conv, ready)
+
+    def _resume_expired(self, r: _Resumable) -> None:
+        ready: list[OpenConversation] = []
+        with self._lock:
+            if self._resumable is r:
+                self._close_resumable(r, ready)
+        self._hand_on(ready)
 
     def backlog_seconds(self) -> float:
         """Seconds of this device's speech on disk and not yet transcribed."""

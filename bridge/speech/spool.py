@@ -86,10 +86,16 @@ def pcm_samples(path: Path) -> int:
 class PcmWriter:
     """One utterance's audio file, appended as frames arrive."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, append: bool = False) -> None:
+        """``append``: continue an utterance a previous run left unfinished; a sample half
+        written when it died is dropped."""
         self.path = path
-        self._f = open(path, "wb")  # noqa: SIM115 - stays open for the utterance
+        self._f = open(path, "r+b" if append else "wb")  # noqa: SIM115 - stays open for the utterance
         self.samples = 0
+        if append:
+            self.samples = pcm_samples(path)
+            self._f.truncate(self.samples * BYTES_PER_SAMPLE)
+            self._f.seek(0, os.SEEK_END)
         self.synced_samples = 0
         """Samples known to be on the storage device (fsynced)."""
         self._dir_synced = False

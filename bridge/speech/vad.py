@@ -232,6 +232,16 @@ class Endpointer:
                 self._temp_end = cut
         return events
 
+    def resume(self, start: int) -> None:
+        """Continue an utterance that began at stream sample ``start`` (before this stream, after
+        a restart): the next quiet spell ends it as if the stream had never been interrupted."""
+        self.in_speech = True
+        self._start = self._speech_start = start
+        self._temp_end = None
+        self._pending_end = None
+        self._probs = []
+        self._probs_from = 0
+
     def _quietest_cut(self) -> int:
         """Frame boundary with the lowest speech probability in the second half of the utterance
         (so neither piece is tiny); ties go to the latest frame."""
