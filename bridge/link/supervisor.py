@@ -89,6 +89,7 @@ from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
 from bridge.core.pcm import PcmSink
 from bridge.core.stats import LinkStats
+from bridge.link.adapter import connect_lock
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class LinkSupervisor:
         self._expected_disconnect = False
         client = BleakClient(device, self._on_disconnected, timeout=self.options.connect_timeout_seconds,
                              bluez={"adapter": self.options.adapter} if self.options.adapter else {})
-        await _until_stop(stop, client.connect())
+        await _until_stop(stop, self._async_connect(client))
         if stop.is_set():
             await self._async_disconnect(client)
             return "stop"
@@ -374,6 +375,12 @@ class LinkSupervisor:
                 self._on_link_down()
             self.disconnected_event.set()
         return reason
+
+    async def _async_connect(self, client: BleakClient) -> None:
+        """Connect (and resolve services) while no other link connects on this adapter: BlueZ
+        answers a second concurrent attempt ``InProgress`` (bridge/link/adapter.py)."""
+        async with connect_lock(self.options.adapter):
+            await client.connect()
 
     async def _async_disconnect(self, client: BleakClient) -> None:
         self._expected_disconnect = True

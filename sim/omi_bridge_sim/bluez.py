@@ -409,8 +409,14 @@ class FakeDevice:
             raise BluezError(ERR_IN_PROGRESS, "In Progress")
         if not self.fake.powered:
             raise BluezError(ERR_NOT_READY, "Resource Not Ready")
+        if self.fake.connecting is not None:
+            # One LE connection attempt per adapter at a time: a Connect to a second device
+            # while the first is still being set up is refused, not queued.
+            self.fake.connects_refused_busy += 1
+            raise BluezError(ERR_IN_PROGRESS, "In Progress")
         self._abort_connect = abort = asyncio.Event()
         self._connecting = asyncio.current_task()
+        self.fake.connecting = self
         try:
             if self.connect_delay:
                 await asyncio.sleep(self.connect_delay)
@@ -454,6 +460,8 @@ class FakeDevice:
         finally:
             self._connecting = None
             self._abort_connect = None
+            if self.fake.connecting is self:
+                self.fake.connecting = None
 
     async def disconnect(self) -> None:
         if self._abort_connect is not None:
@@ -579,6 +587,10 @@ class FakeBluez:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.calls: deque[tuple[str, str, str]] = deque(maxlen=CALL_LOG_LIMIT)
         """(sender, interface, member) of recent method calls, for tests."""
+        self.connecting: FakeDevice | None = None
+        """The device whose Connect (LE connection and service discovery) is under way."""
+        self.connects_refused_busy = 0
+        """Connect calls answered ``InProgress`` because another device was connecting."""
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> FakeBluez:
