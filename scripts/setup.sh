@@ -11,7 +11,8 @@ PYTHON="${PYTHON:-python3}"
 # libopus0: opuslib is a ctypes binding to the system libopus.
 # dbus-daemon: the tests and the demo run a private D-Bus bus for the simulated bluetoothd.
 # mosquitto: the MQTT tests start their own broker on a free loopback port (never the service).
-APT_PACKAGES=(libopus0 dbus-daemon python3-venv mosquitto)
+# systemd: the installer test checks the unit with systemd-analyze (no running systemd needed).
+APT_PACKAGES=(libopus0 dbus-daemon python3-venv mosquitto systemd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -19,6 +20,9 @@ for pkg in "${APT_PACKAGES[@]}"; do
         continue
     fi
     if [ "$pkg" = dbus-daemon ] && command -v dbus-daemon >/dev/null 2>&1; then
+        continue
+    fi
+    if [ "$pkg" = systemd ] && command -v systemd-analyze >/dev/null 2>&1; then
         continue
     fi
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -45,7 +49,8 @@ stamp=".venv/.omi-bridge-${EXTRAS//,/-}.stamp"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ sim/pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing Python packages (.[${EXTRAS}])"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    if [ "$EXTRAS" = base ]; then spec="."; else spec=".[${EXTRAS}]"; fi
+    # local-asr always: the tests, the demo and the bench transcribe on this machine.
+    if [ "$EXTRAS" = base ]; then spec=".[local-asr]"; else spec=".[${EXTRAS},local-asr]"; fi
     .venv/bin/python -m pip install -q -e "$spec"
     # The simulators (fake BlueZ, devices, API) are their own package: tests and the demo need
     # them, the bridge wheel does not ship them.

@@ -72,6 +72,8 @@ def resolve_model(model: str) -> Path | None:
 
 def _check_model(config: Config) -> list[Problem]:
     key = "[asr] model"
+    if config.asr.backend != "local" and config.asr.fallback != "local":
+        return []  # no model is loaded here (remote ASR; 32-bit Pi OS installs without one)
     model = config.asr.model
     path = resolve_model(model)
     if path is None:

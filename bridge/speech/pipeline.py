@@ -36,7 +36,7 @@ from bridge.core.records import Conversation, Segment
 from bridge.speech import spool
 from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
-from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, SileroVad
+from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SpeechPipeline:
         self._session_id = session_id or (lambda started, _offset: live_session_id(device, started))
         self.dir = spool.device_dir(storage or config.storage.path, device)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._vad = SileroVad(config.vad.min_level_dbfs)
+        self._vad = make_vad(config.vad.min_level_dbfs)
         self._ep = Endpointer(config.vad)
         self._lock = threading.RLock()
         self._rest = np.zeros(0, dtype=np.int16)

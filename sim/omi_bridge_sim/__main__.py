@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Omi: drop the link S seconds after start (repeatable)")
     p.add_argument("--out-of-range", action="append", default=[], metavar="T0:T1",
                    help="Omi: out of range from T0 to T1 seconds after start (repeatable)")
+    p.add_argument("--hold-while-unsubscribed", action="store_true",
+                   help="Omi: the clip advances only while a central is subscribed to audio")
     p.add_argument("--paired", action="store_true", help="devices start bonded (known to BlueZ)")
     p.add_argument("--temporary-timeout", type=float, default=30.0, metavar="S",
                    help="forget unpaired devices S seconds after last seen (BlueZ default 30)")
@@ -82,7 +84,7 @@ def make_models(args: argparse.Namespace) -> list[tuple[str, DeviceModel]]:
             address=address, codec=args.codec, audio=audio, mtu=args.mtu, min_mtu=args.min_mtu,
             loss=args.loss, duplicate=args.duplicate, start_index=args.start_index,
             after_clip=args.after_clip, seed=args.seed + i, link_drop_at=tuple(args.link_drop_at),
-            out_of_range=tuple(ranges))))
+            out_of_range=tuple(ranges), hold_while_unsubscribed=args.hold_while_unsubscribed)))
     for i, (address, path) in enumerate(args.frame):
         from omi_bridge_sim.frame import FrameModel
 

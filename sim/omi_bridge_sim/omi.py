@@ -219,6 +219,8 @@ class OmiStats:
     """Frames with at least one fragment lost in the air (host sees an index gap)."""
     frames_offline: int = 0
     """Frames produced while no central was connected (to the SD card, never replayed)."""
+    frames_held: int = 0
+    """Frames the clip waited while no central was subscribed (``hold_while_unsubscribed``)."""
     frames_paused: int = 0
     """Frames not produced while the microphone was paused (``pause_notifications``)."""
     frames_unsubscribed: int = 0
@@ -262,6 +264,9 @@ class OmiModel(DeviceModel):
     """[t0, t1) periods (seconds after ``start()``) in which the firmware pauses the microphone on
     silence while staying connected (AAD, omi-device.md §5.2): no frames, no notifications, no
     index consumed; the link and the subscription stay up."""
+    hold_while_unsubscribed: bool = False
+    """The clip advances only while a central is subscribed to audio: a wearer who waits for the
+    bridge, so every word reaches one (restart tests). Frames meanwhile are "held"."""
     battery: int = 87
     battery_drain_s: float | None = None
     """Seconds per 1 % battery drop (None: constant level)."""
@@ -473,12 +478,23 @@ class OmiModel(DeviceModel):
         loop = asyncio.get_running_loop()
         assert self.clock_start is not None
         n = 0
+        clip = 0  # frame of the clip to play next; only differs from n with hold_while_unsubscribed
         while True:
             due = self.clock_start + (n + 1) * self.frame_seconds
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            pcm = self.frame_audio(n)
+            if self.hold_while_unsubscribed:
+                ctx = self.ctx
+                if ctx is None or not ctx.connected or not ctx.is_notifying(AUDIO_DATA_UUID):
+                    self.stats.frames_held += 1
+                    self.frame_log.append((n, due, None, "held"))
+                    n += 1
+                    continue
+                pcm = self.frame_audio(clip)
+                clip += 1
+            else:
+                pcm = self.frame_audio(n)
             if pcm is None:
                 return  # after_clip="stop": the microphone is done
             if self._paused(due - self.clock_start):
