@@ -10,6 +10,7 @@ topic that turns ``offline`` when the bridge dies.
 
 from __future__ import annotations
 
+import getpass
 import json
 import socket
 import subprocess
@@ -48,14 +49,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Broker:
-    """``mosquitto -c conf`` on 127.0.0.1:port; stop() and start() again simulate an outage."""
+BRIDGE_USER, BRIDGE_PASSWORD = "omi-bridge", "broker-pass-7f3a"
+HA_USER, HA_PASSWORD = "homeassistant", "ha-pass-19c2"
 
-    def __init__(self, directory: Path) -> None:
+
+class Broker:
+    """``mosquitto -c conf`` on 127.0.0.1:port; stop() and start() again simulate an outage.
+    With ``users`` it refuses anonymous clients, as a Home Assistant broker add-on does."""
+
+    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.users = users or {}
         self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             "persistence false\nlog_dest stderr\n")
+        # `user`: run as root (a CI container), mosquitto would switch to its own system user,
+        # which cannot read the test's private directory.
+        conf = (f"listener {self.port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
+                f"user {getpass.getuser()}\n")
+        if self.users:
+            passwords = directory / "mosquitto.passwd"
+            passwords.touch(mode=0o600)
+            for user, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True,
+                               capture_output=True)
+            conf += f"allow_anonymous false\npassword_file {passwords}\n"
+        else:
+            conf += "allow_anonymous true\n"
+        self.conf.write_text(conf)
         self.log = directory / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -100,6 +119,8 @@ class Subscriber:
         self._client = paho.Client(paho.CallbackAPIVersion.VERSION2)
         self._client.on_message = self._on_message
         self._client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
+        if HA_USER in broker.users:
+            self._client.username_pw_set(HA_USER, broker.users[HA_USER])
         self._client.connect("127.0.0.1", broker.port)
         self._client.loop_start()
 
@@ -141,8 +162,8 @@ class Subscriber:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path)
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Broker]:
+    b = Broker(tmp_path, getattr(request, "param", None))
     b.start()
     yield b
     b.stop()
@@ -151,8 +172,13 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 def mqtt_config(tmp_path: Path, devices: list[tuple[str, str, str]], api_url: str, broker: Broker,
                 gap: float = 60.0) -> Path:
     path = write_config(tmp_path, devices, api_url, gap=gap)
-    path.write_text(path.read_text() + f'\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\n'
-                    f'port = {broker.port}\n')
+    text = f'\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    if BRIDGE_USER in broker.users:
+        secret = tmp_path / "mqtt_password"
+        secret.write_text(broker.users[BRIDGE_USER] + "\n")
+        secret.chmod(0o600)
+        text += f'username = "{BRIDGE_USER}"\npassword_file = "{secret}"\n'
+    path.write_text(path.read_text() + text)
     return path
 
 
@@ -192,6 +218,7 @@ def check_discovery(msg: Received) -> dict[str, Any]:
     return dict(config)
 
 
+@pytest.mark.parametrize("broker", [{BRIDGE_USER: BRIDGE_PASSWORD, HA_USER: HA_PASSWORD}], indirect=True)
 def test_home_assistant_gets_one_device_per_wearable_that_follows_link_battery_and_button(
         tmp_path: Path, bus: PrivateBus, api: OmiApiSim, broker: Broker, speech_wav: Path) -> None:
     ha = Subscriber(broker)
@@ -270,7 +297,9 @@ def test_home_assistant_gets_one_device_per_wearable_that_follows_link_battery_a
         daemon.kill()
         if sim is not None:
             sim.stop()
-    assert "Traceback" not in dlog.read_text(), logs(dlog)
+    text = dlog.read_text()
+    assert "Traceback" not in text, logs(dlog)
+    assert BRIDGE_PASSWORD not in text
 
 
 def test_broker_outage_never_touches_capture_and_delivery_and_is_caught_up_after(
