@@ -44,6 +44,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     worker = AsrWorker(config.asr)
     worker.start()
     try:
+        if worker.backend is not None:
+            # One-shot: an unreachable Wyoming server is an error now, not windows retried forever.
+            worker.backend.probe()
         convs = transcribe_files(args.files, config, worker, started_at=started_at, source=args.source,
                                  progress_stream=sys.stderr if sys.stderr.isatty() else None)
     finally:

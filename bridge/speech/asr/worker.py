@@ -23,7 +23,7 @@ from typing import Any
 from bridge.config import AsrOptions
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
-from bridge.speech.asr.backend import AsrBackend, RawSegment, make_backend
+from bridge.speech.asr.backend import AsrBackend, AsrError, RawSegment, make_backend
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
 from bridge.speech.asr.segments import GAP_SECONDS
 
@@ -35,6 +35,12 @@ _LOGGER = logging.getLogger(__name__)
 STUCK_SECONDS = 300.0
 """One window (≤ 29 s of audio) taking longer than this means the worker is stuck, even on a Pi 4
 (≈ 3–4 s per call there, performance-notes.md §6)."""
+RETRY_MIN_SECONDS = 0.5
+RETRY_MAX_SECONDS = 15.0
+"""A window the backend could not transcribe (``AsrError``: server down, timed out, garbled
+answer) goes back to the head of the queue and its audio stays on disk; the worker tries again
+after a back-off that doubles per failure up to this, and resets on the first success. One
+reconnect attempt per 15 s costs nothing, and speech waits on disk, not in memory."""
 
 
 @dataclass
@@ -72,6 +78,8 @@ class WorkerHealth:
     windows_done: int
     errors: int
     last_error: str | None
+    retrying: bool = False
+    """The last window failed in the backend; windows wait on disk and are retried."""
 
     @property
     def stuck(self) -> bool:
@@ -79,7 +87,8 @@ class WorkerHealth:
 
 
 class AsrWorker:
-    """The one transcription thread. Pipelines ``submit`` windows; results go to their callbacks.
+    """The transcription thread (one per window the backend may take at once: ``max_in_flight``,
+    1 for the local model). Pipelines ``submit`` windows; results go to their callbacks.
 
     Never blocks a caller: ``submit`` only appends to a queue of file references.
     """
@@ -94,9 +103,13 @@ class AsrWorker:
         self._queue: collections.deque[Window] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._running = False
-        self._current: Window | None = None
-        self._busy_since = 0.0
+        self._in_hand: dict[int, tuple[Window, float]] = {}
+        """Windows in transcription (by id) and when each was taken."""
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self.retry_max_seconds = RETRY_MAX_SECONDS
         self._on_drained: list[Callable[[], None]] = []
         self.windows_done = 0
         self.errors = 0
@@ -118,16 +131,22 @@ class AsrWorker:
             self.backend = make_backend(self.options, self.model)
         self.backend.start()
         self._running = True
-        self._thread = threading.Thread(target=self._run, name="asr-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"asr-worker-{i}", daemon=True)
+                         for i in range(max(1, self.backend.max_in_flight))]
+        self._thread = self._threads[0]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the window in hand and stop; queued windows stay spooled for ``recover``."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.backend is not None:
+            self.backend.close()
 
     def submit(self, window: Window) -> None:
         with self._cond:
@@ -151,19 +170,22 @@ class AsrWorker:
     def backlog_seconds(self) -> float:
         with self._cond:
             queued = sum(w.seconds for w in self._queue)
-            return queued + (self._current.seconds if self._current else 0.0)
+            return queued + sum(w.seconds for w, _ in self._in_hand.values())
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or in transcription; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self._current is None, timeout)
+            return self._cond.wait_for(lambda: not self._queue and not self._in_hand, timeout)
 
     def health(self) -> WorkerHealth:
         with self._cond:
-            busy = time.monotonic() - self._busy_since if self._current else 0.0
-        return WorkerHealth(alive=bool(self._thread and self._thread.is_alive()), busy_seconds=busy,
-                            backlog_seconds=self.backlog_seconds(), windows_done=self.windows_done,
-                            errors=self.errors, last_error=self.last_error)
+            since = [t for _, t in self._in_hand.values()]
+            busy = time.monotonic() - min(since) if since else 0.0
+            retrying = self._backoff > 0
+        return WorkerHealth(alive=bool(self._threads) and all(t.is_alive() for t in self._threads),
+                            busy_seconds=busy, backlog_seconds=self.backlog_seconds(),
+                            windows_done=self.windows_done, errors=self.errors,
+                            last_error=self.last_error, retrying=retrying)
 
     def healthy(self) -> bool:
         """For a systemd watchdog: the thread lives and is not stuck on one window."""
@@ -173,11 +195,15 @@ class AsrWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or not self._running)
-                if not self._running:
-                    return
-                window = self._current = self._queue.popleft()
-                self._busy_since = time.monotonic()
+                while True:  # a window to take, and no back-off after a failure in force
+                    if not self._running:
+                        return
+                    pause = self._retry_at - time.monotonic()
+                    if self._queue and pause <= 0:
+                        break
+                    self._cond.wait(pause if self._queue else None)
+                window = self._queue.popleft()
+                self._in_hand[id(window)] = (window, time.monotonic())
                 drained: list[Callable[[], None]] = []
                 if not self._queue:
                     drained, self._on_drained = self._on_drained, []
@@ -186,14 +212,18 @@ class AsrWorker:
                     callback()
                 except Exception:
                     _LOGGER.exception("%s: a drained-queue callback failed", window.device)
+            done = True
             try:
-                self._process(window)
+                done = self._process(window)
             finally:
                 with self._cond:
-                    self._current = None
+                    del self._in_hand[id(window)]
+                    if not done:
+                        self._queue.appendleft(window)
                     self._cond.notify_all()
 
-    def _process(self, window: Window) -> None:
+    def _process(self, window: Window) -> bool:
+        """Transcribe and hand on; False when the backend failed and the window is to be retried."""
         result: list[list[RawSegment]] = [[] for _ in window.pieces]
         language = None
         try:
@@ -201,10 +231,26 @@ class AsrWorker:
             cpu0, wall0 = time.process_time(), time.monotonic()
             assert self.backend is not None
             result, language = self.backend.transcribe(audios)
-            self.cpu_seconds += time.process_time() - cpu0
-            self.busy_seconds += time.monotonic() - wall0
-            self.speech_seconds += sum(len(a) for a in audios) / SAMPLE_RATE
-            self.windows_done += 1
+            with self._cond:
+                self.cpu_seconds += time.process_time() - cpu0
+                self.busy_seconds += time.monotonic() - wall0
+                self.speech_seconds += sum(len(a) for a in audios) / SAMPLE_RATE
+                self.windows_done += 1
+                if self._backoff:
+                    _LOGGER.info("transcription works again (%s)", self.backend.describe())
+                self._backoff = 0.0
+        except AsrError as exc:  # the backend, not the audio: keep it on disk, try again later
+            with self._cond:
+                self.errors += 1
+                self.last_error = exc.message
+                first = not self._backoff
+                self._backoff = min(max(self._backoff * 2, RETRY_MIN_SECONDS), self.retry_max_seconds)
+                self._retry_at = time.monotonic() + self._backoff
+                waiting = len(self._queue) + len(self._in_hand)
+            log = _LOGGER.warning if first else _LOGGER.debug
+            log("%s: %s; %d window(s) wait on disk, next try in %.1f s", window.device, exc.message,
+                waiting, self._backoff)
+            return False
         except Exception as exc:  # a bad window must not kill the one transcription thread
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -214,3 +260,4 @@ class AsrWorker:
             window.on_done(window, result, language)
         except Exception:
             _LOGGER.exception("%s: handling a transcription result failed", window.device)
+        return True
