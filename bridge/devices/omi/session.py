@@ -1,10 +1,12 @@
 """The Omi pendant: what happens on each connection (a session for ``LinkSupervisor``).
 
 On connect, on the same connection (a second one would fight the device's single slot,
-omi-device.md §12.1): learn the ATT MTU (warn below 100: the firmware then sends nothing),
-read the codec byte, read battery and firmware revision, write the time, then subscribe to
-audio (and battery / button notifications). Audio goes through a fresh ``AudioStream`` (new
-depacketizer and decoder) into the device timeline.
+omi-device.md §12.1): write the time first (the pendant stamps what it stores with it; with
+offline sync, its clock is read just before to measure the drift), learn the ATT MTU (warn
+below 100: the firmware then sends nothing), read the codec byte, battery and firmware
+revision, then subscribe to audio (and battery / button notifications). Audio goes through a
+fresh ``AudioStream`` (new depacketizer and decoder) into the device timeline. With offline
+sync, the pendant's stored audio is then fetched beside live audio (``sync.PendantSync``).
 
 Everything except the codec and the audio subscription is best effort: a firmware without
 battery notifications or time sync still streams.
@@ -12,6 +14,9 @@ battery notifications or time sync still streams.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import struct
 import time
@@ -35,6 +40,8 @@ from bridge.core.gatt import (
     OMI_MIN_MTU,
     OMI_TIME_SYNC,
 )
+from bridge.devices.omi.storage import OMI_TIME_READ
+from bridge.devices.omi.sync import PendantSync, read_pendant_time
 from bridge.link.notify import BatchedNotifications
 from bridge.link.supervisor import SessionContext
 
@@ -87,13 +94,20 @@ class OmiSession:
         self.started_at = time.monotonic()
         self.notifications: BatchedNotifications | None = None
         self._on_button = ctx.extra.get("on_button")
+        self._sync: PendantSync | None = ctx.extra.get("offline_sync")
+        """The pendant's offline sync (``bridge.devices.omi.sync``), when enabled."""
+        self._sync_task: asyncio.Task[Any] | None = None
 
     @property
     def last_activity(self) -> float | None:
-        return self.stream.last_packet_at if self.stream else None
+        # Taken on the loop as packets arrive (decoding may run later, on the capture thread).
+        return self.notifications.last_packet_at if self.notifications else None
 
     async def async_start(self, client: BleakClient) -> None:
         stats = self.ctx.stats
+        # The time first, before anything else: the pendant stamps what it records after this
+        # connection with it (docs/reference/omi-storage.md §6.1, §10 step 2).
+        await self._time_sync(client)
         self.mtu = await acquire_mtu(client, client.services.get_characteristic(OMI_AUDIO_DATA))
         if self.mtu is not None and self.mtu < OMI_MIN_MTU:
             _LOGGER.warning("%s ATT MTU is %d; Omi sends no audio below %d", self.label, self.mtu,
@@ -111,12 +125,40 @@ class OmiSession:
         await self._extras(client)
         # AcquireNotify read in batches (StartNotify when BlueZ refuses): the idle CPU budget
         # cannot pay for a D-Bus signal or a loop wake-up per notification (notify.py).
-        self.notifications = BatchedNotifications(self.label, self.stream.push_batch)
+        self.notifications = BatchedNotifications(self.label, self._on_batch)
         audio = client.services.get_characteristic(OMI_AUDIO_DATA)
         if audio is None:
             raise BleakCharacteristicNotFoundError(OMI_AUDIO_DATA)
         mode = await self.notifications.async_start(client, audio)
         _LOGGER.debug("%s audio notifications: %s", self.label, mode)
+        if self._sync is not None:
+            # Beside live audio, which stays subscribed: the firmware drops frames while a
+            # central is connected but not subscribed (omi-storage.md §7).
+            self._sync_task = asyncio.create_task(
+                self._sync.async_sync(client, firmware=stats.firmware, codec=codec, mtu=self.mtu))
+
+    async def _time_sync(self, client: BleakClient) -> None:
+        char = client.services.get_characteristic(OMI_TIME_SYNC)
+        if char is None:
+            return
+        pendant: int | None = None
+        if self._sync is not None and (reader := client.services.get_characteristic(OMI_TIME_READ)):
+            # The pendant's clock just before we set it: its drift since the last sync corrects
+            # the stamps of what it stored meanwhile (omi-storage.md §6.1).
+            with contextlib.suppress(Exception):
+                pendant = read_pendant_time(bytes(await client.read_gatt_char(reader)))
+        now = time.time()
+        try:
+            await client.write_gatt_char(char, struct.pack("<I", int(now)), response=True)
+        except Exception as exc:
+            _LOGGER.debug("%s time sync: %s", self.label, exc)
+            return
+        if self._sync is not None:
+            self._sync.time_synced(pendant, float(int(now)))
+
+    async def async_stop(self, client: BleakClient) -> None:
+        if self._sync is not None:
+            await self._sync.async_stop(client)
 
     async def _extras(self, client: BleakClient) -> None:
         stats = self.ctx.stats
@@ -137,11 +179,6 @@ class OmiSession:
                     "utf-8", "replace").strip("\x00 ")
             except Exception as exc:
                 _LOGGER.debug("%s firmware revision: %s", self.label, exc)
-        if (char := services.get_characteristic(OMI_TIME_SYNC)) is not None:
-            try:
-                await client.write_gatt_char(char, struct.pack("<I", int(time.time())), response=True)
-            except Exception as exc:
-                _LOGGER.debug("%s time sync: %s", self.label, exc)
         if (char := services.get_characteristic(OMI_BUTTON_EVENT)) is not None:
             try:
                 await client.start_notify(char, self._on_button_event)
@@ -163,13 +200,24 @@ class OmiSession:
             except Exception:
                 _LOGGER.exception("%s button handler failed", self.label)
 
+    def _on_batch(self, packets: list[bytes], at: float) -> None:
+        """On the loop: hand the bytes to the capture thread, which decodes them in order."""
+        stream = self.stream
+        if stream is not None:
+            self.ctx.capture.submit(functools.partial(stream.push_batch, packets, at),
+                                    packets=len(packets))
+
     def flush(self) -> None:
         """Hand on notifications still buffered (the link's quiet check calls this first)."""
         if self.notifications is not None:
             self.notifications.flush()
 
     def connection_lost(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()  # what is durable stays; the rest is read again next time
+        if self._sync is not None:
+            self._sync.link_down()
         if self.notifications is not None:
             self.notifications.close()  # hands on buffered packets and releases the socket
         if self.stream is not None:
-            self.stream.close()
+            self.ctx.capture.submit(functools.partial(self.stream.close, time.monotonic()))
