@@ -15,6 +15,7 @@ silence, padding, minimum speech and a maximum length (cut at the quietest frame
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -151,6 +152,73 @@ class SileroVad:
         return out
 
 
+LEVEL_MARGIN_DB = 10.0
+"""LevelVad: a frame this far above the noise floor counts as speech."""
+LEVEL_FLOOR_START_DBFS = -60.0
+LEVEL_FLOOR_RISE_DB = 0.05
+"""Per frame (1.6 dB/s): the floor follows a louder room slowly, speech (seconds long) barely moves
+it, and any quieter frame lowers it at once (a minimum tracker)."""
+LEVEL_ABSOLUTE_MIN_DBFS = -50.0
+"""Quieter than this is never speech, whatever the floor (a digitally quiet room)."""
+
+
+class LevelVad:
+    """Speech "probability" 1.0 / 0.0 from frame level against a tracked noise floor.
+
+    The fallback where Silero cannot run: onnxruntime publishes no wheels for 32-bit ARM, so on
+    32-bit Pi OS (remote ASR, ``[asr] backend = "wyoming"``) the bridge installs without it.
+    Utterance edges are coarser than Silero's and steady noise louder than the margin reads as
+    speech; the Endpointer's hysteresis, padding and minimum lengths apply as usual. Same
+    interface as ``SileroVad``.
+    """
+
+    def __init__(self, min_level_dbfs: float | None = None) -> None:
+        self._min_db = max(LEVEL_ABSOLUTE_MIN_DBFS, min_level_dbfs or LEVEL_ABSOLUTE_MIN_DBFS)
+        self._floor_db = LEVEL_FLOOR_START_DBFS
+        self.frames = 0
+        self.gated = 0
+
+    def reset(self) -> None:
+        self._floor_db = LEVEL_FLOOR_START_DBFS
+
+    def __call__(self, frame: np.ndarray) -> float:
+        return float(self.probs(np.asarray(frame).reshape(1, FRAME_SAMPLES))[0])
+
+    def probs(self, frames: np.ndarray) -> np.ndarray:
+        audio = frames.astype(np.float32)
+        power = np.einsum("ij,ij->i", audio, audio) / FRAME_SAMPLES
+        levels = 10 * np.log10(np.maximum(power, 1e-3) / FULL_SCALE**2)
+        out = np.zeros(len(frames), dtype=np.float32)
+        for k, db in enumerate(levels):
+            self._floor_db = min(float(db), self._floor_db + LEVEL_FLOOR_RISE_DB)
+            if db > max(self._floor_db + LEVEL_MARGIN_DB, self._min_db):
+                out[k] = 1.0
+        self.frames += len(frames)
+        return out
+
+
+def silero_available() -> bool:
+    """onnxruntime and faster-whisper's bundled Silero model are installed (``local-asr``)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "faster_whisper"))
+
+
+def make_vad(min_level_dbfs: float | None = None) -> SileroVad | LevelVad:
+    """Silero when it is installed, else the level detector (logged once per process)."""
+    if silero_available():
+        return SileroVad(min_level_dbfs)
+    _warn_level_vad()
+    return LevelVad(min_level_dbfs)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_level_vad() -> None:
+    logging.getLogger(__name__).warning(
+        "Silero VAD is not installed (onnxruntime / faster-whisper, the local-asr extra): finding "
+        "speech by level instead, with coarser utterance edges")
+
+
 @dataclass(frozen=True)
 class VadEvent:
     """``kind``: "start" (speech began; ``sample`` = start incl. pre-pad), "end" (utterance over;
@@ -237,6 +305,16 @@ class Endpointer:
             if self._temp_end is not None and self._temp_end < cut:
                 self._temp_end = cut
         return events
+
+    def resume(self, start: int) -> None:
+        """Continue an utterance that began at stream sample ``start`` (before this stream, after
+        a restart): the next quiet spell ends it as if the stream had never been interrupted."""
+        self.in_speech = True
+        self._start = self._speech_start = start
+        self._temp_end = None
+        self._pending_end = None
+        self._probs = []
+        self._probs_from = 0
 
     def _quietest_cut(self) -> int:
         """Frame boundary with the lowest speech probability in the second half of the utterance
