@@ -10,6 +10,8 @@ topic that turns ``offline`` when the bridge dies.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import getpass
 import json
 import socket
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,10 @@ import test_daemon_e2e as e2e
 from omi_bridge_sim.bus import PrivateBus
 from omi_bridge_sim.omi_api import OmiApiSim
 from test_daemon_e2e import Daemon, Simulator, daemon_env, logs, write_config
+
+from bridge.app.mqtt import MqttPublisher
+from bridge.config import MqttOptions
+from bridge.core.health import DeviceHealth, HealthSnapshot
 
 START_TIMEOUT = 60.0
 """Daemon start (model load) to the first discovery message."""
@@ -57,9 +64,11 @@ class Broker:
     """``mosquitto -c conf`` on 127.0.0.1:port; stop() and start() again simulate an outage.
     With ``users`` it refuses anonymous clients, as a Home Assistant broker add-on does."""
 
-    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, users: dict[str, str] | None = None, *,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
         self.users = users or {}
+        self.cafile = tls[0] if tls else None
         self.conf = directory / "mosquitto.conf"
         # `user`: run as root (a CI container), mosquitto would switch to its own system user,
         # which cannot read the test's private directory.
@@ -74,6 +83,8 @@ class Broker:
             conf += f"allow_anonymous false\npassword_file {passwords}\n"
         else:
             conf += "allow_anonymous true\n"
+        if tls:
+            conf += f"certfile {tls[0]}\nkeyfile {tls[1]}\n"
         self.conf.write_text(conf)
         self.log = directory / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -121,6 +132,8 @@ class Subscriber:
         self._client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
         if HA_USER in broker.users:
             self._client.username_pw_set(HA_USER, broker.users[HA_USER])
+        if broker.cafile is not None:
+            self._client.tls_set(ca_certs=str(broker.cafile))
         self._client.connect("127.0.0.1", broker.port)
         self._client.loop_start()
 
@@ -348,3 +361,51 @@ def test_broker_outage_never_touches_capture_and_delivery_and_is_caught_up_after
             sim.stop()
     text = dlog.read_text()
     assert "Traceback" not in text, logs(dlog)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as a user's own CA-less broker would have."""
+    cert, key = directory / "broker.crt", directory / "broker.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def snapshot() -> HealthSnapshot:
+    now = datetime.now(UTC)
+    return HealthSnapshot(taken_at=now, started_at=now, ready=True, devices=(
+        DeviceHealth(name="pendant", address=PENDANT, kind="omi", connected=True, battery=64),))
+
+
+async def test_tls_broker_is_verified_and_an_unverifiable_one_never_holds_up_a_stop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cert, key = self_signed(tmp_path)
+    broker = Broker(tmp_path, tls=(cert, key))
+    broker.start()
+    ha = Subscriber(broker)
+    try:
+        trusted = MqttOptions(enabled=True, host="127.0.0.1", port=broker.port, tls=True,
+                              tls_ca_file=str(cert))
+        stop = asyncio.Event()
+        task = asyncio.create_task(MqttPublisher(trusted, snapshot).run(stop))
+        await asyncio.to_thread(ha.state, device_topic(PENDANT, "battery"), "64")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await asyncio.to_thread(ha.state, f"{PREFIX}/status", "offline")  # a clean stop says so
+
+        # Without the broker's CA the certificate check fails: the publisher keeps retrying on
+        # its own (the daemon goes on capturing) and still stops at once when asked.
+        untrusted = dataclasses.replace(trusted, tls_ca_file="")
+        stop = asyncio.Event()
+        task = asyncio.create_task(MqttPublisher(untrusted, snapshot).run(stop))
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while "cannot reach the MQTT broker" not in caplog.text:
+            assert not task.done() and time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text or "certificate verify failed" in caplog.text
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        ha.close()
+        broker.stop()
