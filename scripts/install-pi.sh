@@ -217,6 +217,14 @@ if [ ! -e "$conf" ]; then
     say "wrote $CONF_DIR/config.toml (mode 0600)"
 fi
 
+# The state directory systemd would create at the first start (StateDirectory=, mode 0700), made
+# now so that doctor and check-config, run as the service user before that start, can use it.
+state_dir="$(R "$STATE_DIR")"
+if [ ! -d "$state_dir" ]; then
+    install -d -m 0700 -o "$SVC_UID" -g "$SVC_GID" "$state_dir"
+    say "created $STATE_DIR"
+fi
+
 # --- systemd unit ----------------------------------------------------------------------------
 unit_path="$(R "$UNIT_DIR/$UNIT")"
 unit_before="$(cat "$unit_path" 2>/dev/null || true)"

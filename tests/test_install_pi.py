@@ -113,6 +113,8 @@ def test_files_owners_and_modes_are_what_the_service_needs(installed: tuple[Path
     _config, problems = parse_config(data, str(conf))
     assert problems == []
 
+    state = (root / "var/lib/omi-bridge").stat()  # doctor, as the service user, can use it at once
+    assert (stat.S_IMODE(state.st_mode), state.st_uid, state.st_gid) == (0o700, uid, gid)
     assert os.readlink(root / "usr/local/bin/omi-bridge") == "/opt/omi-bridge/.venv/bin/omi-bridge"
     assert os.access(root / "opt/omi-bridge/.venv/bin/omi-bridge", os.X_OK)
     unit = root / "etc/systemd/system" / UNIT
