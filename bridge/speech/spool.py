@@ -129,3 +129,11 @@ class PcmWriter:
         self._f.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+    def abandon(self) -> int:
+        """The disk failed (full, gone): close without deleting, whatever the disk says, and
+        return how many samples the file holds; they are kept as the utterance."""
+        with contextlib.suppress(OSError):
+            self._f.close()  # closed even when its flush fails; the unflushed bytes are gone
+        self.samples = pcm_samples(self.path)
+        return self.samples

@@ -12,18 +12,21 @@ Jobs name spool files, not audio: a backlog waits on disk, not in RAM.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bridge.config import AsrOptions
+from bridge.core.errors import BridgeError
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
-from bridge.speech.asr.backend import AsrBackend, AsrError, RawSegment, make_backend
+from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment, make_backend
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
 from bridge.speech.asr.segments import GAP_SECONDS
 
@@ -50,6 +53,8 @@ class Piece:
     key: str
     path: Path
     samples: int
+    attempts: int = 0
+    """Failed transcriptions of this utterance (not counting an engine that could not be reached)."""
 
 
 @dataclass
@@ -61,6 +66,10 @@ class Window:
     on_done: Callable[[Window, list[list[RawSegment]], str | None], None]
     """Called on the worker thread with segments per piece and the detected language."""
     submitted_at: float = field(default_factory=time.monotonic)
+    on_give_up: Callable[[Window, str], None] | None = None
+    """Called on the worker thread with a one-utterance window that failed ``[asr] max_attempts``
+    times, and the last error: its owner sets the audio aside (never deletes it). Without it the
+    window is retried for ever."""
 
     @property
     def seconds(self) -> float:
@@ -80,6 +89,23 @@ class WorkerHealth:
     last_error: str | None
     retrying: bool = False
     """The last window failed in the backend; windows wait on disk and are retried."""
+    failing_since: datetime | None = None
+    """When the failures in a row began (None: the last transcription worked)."""
+    retry_in: float = 0.0
+    """Seconds until the next try while failing."""
+    utterances_waiting: int = 0
+    """Utterances queued or in transcription."""
+    given_up: int = 0
+    """Utterances set aside since start after ``[asr] max_attempts`` failures."""
+
+    def problem(self) -> str | None:
+        """What a user reads in ``status`` while transcription fails, else None."""
+        if self.failing_since is None:
+            return None
+        since = self.failing_since.astimezone().strftime("%H:%M")
+        waiting = f"{self.utterances_waiting} utterance{'s' if self.utterances_waiting != 1 else ''}"
+        return (f"transcription failing since {since}: {self.last_error}; {waiting} waiting, "
+                f"retrying in {max(self.retry_in, 0.0):.0f} s")
 
     @property
     def stuck(self) -> bool:
@@ -110,6 +136,9 @@ class AsrWorker:
         self._retry_at = 0.0
         self._backoff = 0.0
         self.retry_max_seconds = RETRY_MAX_SECONDS
+        self._failing_since: datetime | None = None
+        self.given_up = 0
+        """Utterances handed to ``on_give_up`` since start."""
         self._on_drained: list[Callable[[], None]] = []
         self.windows_done = 0
         self.errors = 0
@@ -182,10 +211,16 @@ class AsrWorker:
             since = [t for _, t in self._in_hand.values()]
             busy = time.monotonic() - min(since) if since else 0.0
             retrying = self._backoff > 0
+            failing_since = self._failing_since
+            retry_in = self._retry_at - time.monotonic() if failing_since else 0.0
+            waiting = sum(len(w.pieces) for w in self._queue)
+            waiting += sum(len(w.pieces) for w, _ in self._in_hand.values())
         return WorkerHealth(alive=bool(self._threads) and all(t.is_alive() for t in self._threads),
                             busy_seconds=busy, backlog_seconds=self.backlog_seconds(),
                             windows_done=self.windows_done, errors=self.errors,
-                            last_error=self.last_error, retrying=retrying)
+                            last_error=self.last_error, retrying=retrying,
+                            failing_since=failing_since, retry_in=max(0.0, retry_in),
+                            utterances_waiting=waiting, given_up=self.given_up)
 
     def healthy(self) -> bool:
         """For a systemd watchdog: the thread lives and is not stuck on one window."""
@@ -239,11 +274,14 @@ class AsrWorker:
                 if self._backoff:
                     _LOGGER.info("transcription works again (%s)", self.backend.describe())
                 self._backoff = 0.0
-        except AsrError as exc:  # the backend, not the audio: keep it on disk, try again later
+                self._failing_since = None
+        except AsrUnavailable as exc:  # the engine, not the audio: keep it on disk, try again later
             with self._cond:
                 self.errors += 1
                 self.last_error = exc.message
                 first = not self._backoff
+                if self._failing_since is None:
+                    self._failing_since = datetime.now(UTC)
                 self._backoff = min(max(self._backoff * 2, RETRY_MIN_SECONDS), self.retry_max_seconds)
                 self._retry_at = time.monotonic() + self._backoff
                 waiting = len(self._queue) + len(self._in_hand)
@@ -251,13 +289,63 @@ class AsrWorker:
             log("%s: %s; %d window(s) wait on disk, next try in %.1f s", window.device, exc.message,
                 waiting, self._backoff)
             return False
-        except Exception as exc:  # a bad window must not kill the one transcription thread
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            _LOGGER.exception("%s: transcription failed for %d utterance(s)", window.device,
-                              len(window.pieces))
+        except Exception as exc:  # maybe the audio (corrupt spool file), out of memory, a bug
+            self._failed(window, exc)
+            return True
         try:
             window.on_done(window, result, language)
+        except OSError as exc:
+            # The transcript could not be stored (disk full): the audio is still spooled, so it is
+            # transcribed again later rather than its text lost.
+            self._back_off(f"cannot store the transcript: {exc}")
+            _LOGGER.warning("%s: cannot store the transcript of %d utterance(s): %s; retrying",
+                            window.device, len(window.pieces), exc)
+            return False
         except Exception:
             _LOGGER.exception("%s: handling a transcription result failed", window.device)
         return True
+
+    def _back_off(self, error: str) -> bool:
+        """Count a failure and pause the worker; True for the first failure in a row."""
+        with self._cond:
+            self.errors += 1
+            self.last_error = error
+            first = not self._backoff
+            if self._failing_since is None:
+                self._failing_since = datetime.now(UTC)
+            self._backoff = min(max(self._backoff * 2, RETRY_MIN_SECONDS), self.retry_max_seconds)
+            self._retry_at = time.monotonic() + self._backoff
+            return first
+
+    def _failed(self, window: Window, exc: Exception) -> None:
+        """A failure that may be the audio's: nothing is handed back, so the audio stays spooled.
+        A window of several utterances is retried one utterance per window (one corrupt file must
+        not hold back the others); one utterance that failed ``[asr] max_attempts`` times is given
+        to ``on_give_up``, which sets it aside."""
+        error = exc.message if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
+        first = self._back_off(error)
+        give_up: Window | None = None
+        with self._cond:
+            for piece in window.pieces:
+                piece.attempts += 1
+            if len(window.pieces) > 1:
+                retry = [dataclasses.replace(window, pieces=[p]) for p in window.pieces]
+            elif window.pieces[0].attempts >= self.options.max_attempts and window.on_give_up:
+                give_up, retry = window, []
+            else:
+                retry = [window]
+            # Behind the other windows: what does transcribe is not held up by what does not.
+            self._queue.extend(retry)
+            self._cond.notify_all()
+        _LOGGER.log(logging.WARNING if first else logging.INFO,
+                    "%s: transcription failed for %d utterance(s) (%s); their audio stays on disk, "
+                    "retrying in %.1f s", window.device, len(window.pieces), error, self._backoff,
+                    exc_info=first and not isinstance(exc, BridgeError))
+        if give_up is not None and give_up.on_give_up is not None:
+            try:
+                give_up.on_give_up(give_up, error)
+                self.given_up += 1
+            except Exception:
+                _LOGGER.exception("%s: cannot set aside an utterance that does not transcribe; "
+                                  "it stays in the spool and is retried", window.device)
+                self.submit(give_up)
