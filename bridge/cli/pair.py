@@ -25,7 +25,7 @@ from bridge.core.errors import BridgeError
 _LOGGER = logging.getLogger(__name__)
 
 NEW_FILE_MODE = 0o640
-"""The file may hold the API key: owner read-write, the service's group read (install.sh sets it)."""
+"""A config pair creates may hold the API key: owner read-write, group read, others nothing."""
 KINDS = ("omi", "frame")
 
 
@@ -106,7 +106,7 @@ def _write_atomically(path: Path, text: str, created: bool) -> None:
         if st is None:
             os.chmod(tmp, NEW_FILE_MODE)
         else:
-            # Keep the owner/group/mode install.sh gave it (root:omi-bridge 0640).
+            # Keep the owner/group/mode the installer gave it (omi-bridge, 0600).
             os.chmod(tmp, st.st_mode & 0o7777)
             if os.geteuid() == 0:
                 os.chown(tmp, st.st_uid, st.st_gid)
