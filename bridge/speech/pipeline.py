@@ -145,6 +145,8 @@ class SpeechPipeline:
         self._batch = BATCH_FRAMES * FRAME_SAMPLES
         self.samples = 0
         """Samples of the timeline processed by the VAD so far."""
+        self.speech_seconds = 0.0
+        """Speech kept as utterances so far, pads included (metrics)."""
         self._ring: collections.deque[tuple[int, np.ndarray]] = collections.deque(
             maxlen=int(config.vad.pad_seconds * SAMPLE_RATE) // FRAME_SAMPLES + 2)
         self._utt: _OpenUtterance | None = None
@@ -513,6 +515,7 @@ class SpeechPipeline:
         open_utt.writer.finish(utt.samples)
         conv.save_utterance(utt, complete=True)
         conv.utterances[utt.key] = utt
+        self.speech_seconds += utt.samples / SAMPLE_RATE
         conv.last_end = utt.offset + utt.samples
         conv.save()
         self._last_speech_end = at
