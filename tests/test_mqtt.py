@@ -29,6 +29,7 @@ import pytest
 import test_daemon_e2e as e2e
 from omi_bridge_sim.bus import PrivateBus
 from omi_bridge_sim.omi_api import OmiApiSim
+from paho.mqtt.enums import CallbackAPIVersion
 from test_daemon_e2e import Daemon, Simulator, daemon_env, logs, write_config
 
 from bridge.app.mqtt import MqttPublisher
@@ -127,15 +128,20 @@ class Subscriber:
     def __init__(self, broker: Broker, topics: tuple[str, ...] = (f"{DISCOVERY}/#", f"{PREFIX}/#")) -> None:
         self.messages: list[Received] = []
         self._cond = threading.Condition()
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        self._topics = topics
+        self._client = paho.Client(CallbackAPIVersion.VERSION2)
         self._client.on_message = self._on_message
-        self._client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
+        self._client.on_connect = self._on_connect
         if HA_USER in broker.users:
             self._client.username_pw_set(HA_USER, broker.users[HA_USER])
         if broker.cafile is not None:
             self._client.tls_set(ca_certs=str(broker.cafile))
         self._client.connect("127.0.0.1", broker.port)
         self._client.loop_start()
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
+        for topic in self._topics:
+            client.subscribe(topic, qos=1)
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
@@ -160,6 +166,9 @@ class Subscriber:
     def state(self, topic: str, payload: str, timeout: float = EVENT_TIMEOUT, since: int = 0) -> Received:
         return self.wait(lambda m: m.topic == topic and m.payload == payload, timeout,
                          f"{topic} = {payload}", since)
+
+    def any_on(self, topic: str, timeout: float = EVENT_TIMEOUT) -> Received:
+        return self.wait(lambda m: m.topic == topic, timeout, topic)
 
     def mark(self) -> int:
         with self._cond:
@@ -252,7 +261,7 @@ def test_home_assistant_gets_one_device_per_wearable_that_follows_link_battery_a
                      ("conversations_queued", "last_posted", "api_budget", "asr_backlog", "errors")]
         expected.append(f"{DISCOVERY}/event/omi_bridge/conversation_posted/config")
         for topic in expected:
-            configs[topic] = check_discovery(ha.wait(lambda m, t=topic: m.topic == t, START_TIMEOUT, topic))
+            configs[topic] = check_discovery(ha.any_on(topic, START_TIMEOUT))
         assert len({c["unique_id"] for c in configs.values()}) == len(configs)
         connected = configs[config_topic("binary_sensor", PENDANT, "connected")]
         assert connected["device_class"] == "connectivity"
@@ -301,7 +310,7 @@ def test_home_assistant_gets_one_device_per_wearable_that_follows_link_battery_a
         try:
             assert late.state(f"{PREFIX}/status", "offline").retain
             for topic in expected:
-                assert late.wait(lambda m, t=topic: m.topic == t, EVENT_TIMEOUT, topic).retain, topic
+                assert late.any_on(topic).retain, topic
             assert late.state(device_topic(PENDANT, "battery"), "55").retain
         finally:
             late.close()
