@@ -71,6 +71,18 @@ _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggi
                     logging.CRITICAL: 2}
 
 
+class StartupError(BridgeError):
+    """The daemon cannot start for a reason no restart mends (a model that does not load)."""
+
+
+def _model_hint(config: Config, exc: BridgeError) -> str:
+    if config.asr.backend != "local":
+        return exc.hint
+    return ('set [asr] model to "tiny.en" (the bundled model) or to a directory holding a '
+            "complete CTranslate2 model (ct2-transformers-converter), then check with "
+            "omi-bridge check-config")
+
+
 class _JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
@@ -192,7 +204,10 @@ class Daemon:
             self.sender = Sender(self.outbox, self.config.api)
             self._set_phase("loading the transcription model")
             self.worker = AsrWorker(self.config.asr, model=self._model)
-            await asyncio.to_thread(self.worker.start)
+            try:
+                await asyncio.to_thread(self.worker.start)
+            except BridgeError as exc:  # per window it would fail for ever: stop here instead
+                raise StartupError(exc.message, _model_hint(self.config, exc)) from exc
             _LOGGER.info("transcription model %s loaded", self.config.asr.model)
             for dev in self.config.devices:
                 pipeline = SpeechPipeline(dev.address, self.config, self.worker, self._enqueue,
@@ -417,6 +432,7 @@ class Daemon:
             devs.append(text)
         parts.append(f"{connected}/{len(self.devices)} connected ({', '.join(devs)})")
         parts.append(f"backlog {self.backlog_seconds():.0f}s")
+        parts.extend(self._speech_problems())
         ob = self.outbox_status()
         counts = ob.get("counts") or {}
         if counts:
@@ -425,6 +441,28 @@ class Daemon:
         if ob.get("paused"):
             parts.append("delivery PAUSED")
         return "; ".join(parts) + stuck
+
+    def quarantined(self) -> int:
+        """Utterances in quarantine/ (they failed [asr] max_attempts times; kept, never posted)."""
+        pipelines = [d.pipeline for d in self.devices] + self._orphans
+        return sum(int(getattr(p, "quarantined", 0)) for p in pipelines)
+
+    def _speech_problems(self) -> list[str]:
+        """What status says about speech that is not flowing: a failing engine, a full disk,
+        utterances set aside."""
+        out = []
+        problem = self.worker.health().problem() if self.worker is not None else None
+        if problem:
+            out.append(problem)
+        for d in self.devices:
+            pause = _pause_text(d.pipeline)
+            if pause is not None:
+                out.append(f"{d.device.label}: {pause}")
+        n = self.quarantined()
+        if n:
+            where = self.storage / "quarantine"
+            out.append(f"{n} utterance{'s' if n != 1 else ''} could not be transcribed, kept in {where}")
+        return out
 
     def state(self) -> dict[str, Any]:
         devices = []
@@ -441,13 +479,19 @@ class Daemon:
                 "last_audio_at": stats["last_audio_at"],
                 "conversation_open": bool(getattr(d.pipeline, "in_conversation", False)),
                 "conversation_started_at": conv_start.isoformat() if conv_start is not None else None,
+                "capture_paused": _pause_text(d.pipeline),
                 "link": stats,
             })
         health: dict[str, Any] = {}
         if self.worker is not None:
             h = self.worker.health()
             health = {"alive": h.alive, "stuck": h.stuck, "busy_seconds": round(h.busy_seconds, 1),
-                      "windows_done": h.windows_done, "errors": h.errors, "last_error": h.last_error}
+                      "windows_done": h.windows_done, "errors": h.errors, "last_error": h.last_error,
+                      "failing_since": h.failing_since.isoformat(timespec="seconds")
+                      if h.failing_since else None,
+                      "problem": h.problem(), "utterances_waiting": h.utterances_waiting,
+                      "quarantined": self.quarantined(),
+                      "quarantine_dir": str(self.storage / "quarantine")}
         ob = self.outbox_status()
         counts = ob.get("counts") or {}
         paused = ob.get("paused") or None
@@ -478,14 +522,17 @@ class Daemon:
                 last_audio_at=st.last_audio_at, notifications=st.packets, frames=st.frames,
                 frames_lost=st.lost_frames, reconnects=st.reconnects,
                 speech_seconds=float(getattr(d.pipeline, "speech_seconds", 0.0)),
-                button_presses=d.button_presses, task_failures=d.restarts))
+                button_presses=d.button_presses, task_failures=d.restarts,
+                capture_paused=_pause_text(d.pipeline)))
         asr = AsrHealth()
         if self.worker is not None:
             h = self.worker.health()
             asr = AsrHealth(alive=h.alive, backlog_seconds=self.backlog_seconds(),
                             windows=h.windows_done, errors=h.errors,
                             audio_seconds=float(getattr(self.worker, "speech_seconds", 0.0)),
-                            busy_seconds=float(getattr(self.worker, "busy_seconds", 0.0)))
+                            busy_seconds=float(getattr(self.worker, "busy_seconds", 0.0)),
+                            failing_since=h.failing_since, problem=h.problem(),
+                            quarantined=self.quarantined())
         ob = self.outbox_status()
         counts = ob.get("counts") or {}
         outbox = OutboxHealth(
@@ -529,6 +576,11 @@ class Daemon:
             self._publish()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+
+
+def _pause_text(pipeline: Any) -> str | None:
+    pause = getattr(pipeline, "disk_paused", None)
+    return None if pause is None else str(pause.describe())
 
 
 def _pid() -> int:

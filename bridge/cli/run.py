@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from bridge.app.daemon import EXIT_CONFIG, async_main, setup_logging
+from bridge.app.daemon import EXIT_CONFIG, StartupError, async_main, setup_logging
 from bridge.app.preflight import require_valid
 from bridge.core.errors import BridgeError
 
@@ -26,5 +26,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level, verbose=getattr(args, "verbose", False))
     _LOGGER.info("omi-bridge starting with %s (%d device(s), storage %s)", config.path,
                  len(config.devices), config.storage.path)
-    asyncio.run(async_main(config))
+    try:
+        asyncio.run(async_main(config))
+    except StartupError as exc:
+        print(f"omi-bridge run: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG  # a restart would fail the same way
     return 0

@@ -59,6 +59,8 @@ def format_device(dev: dict[str, Any]) -> list[str]:
     else:
         details.append("no conversation open")
     lines.append("    " + ", ".join(details))
+    if dev.get("capture_paused"):
+        lines.append(f"    {dev['capture_paused']}; it resumes by itself once there is space")
     if dev.get("last_error"):
         lines.append(f"    last error: {dev['last_error']}")
     if dev.get("task_error"):
@@ -91,6 +93,12 @@ def format_status(info: dict[str, Any]) -> str:
         backlog = tr.get("backlog_seconds") or 0.0
         lines.append(f"transcription: {backlog:.1f} s of speech waiting"
                      + (" (worker stuck!)" if tr.get("stuck") else ""))
+        if tr.get("problem"):
+            lines.append(f"  {tr['problem']}")
+        if tr.get("quarantined"):
+            n = tr["quarantined"]
+            lines.append(f"  {n} utterance{'s' if n != 1 else ''} could not be transcribed; "
+                         f"kept in {tr.get('quarantine_dir')} (never posted, never deleted)")
     last = info.get("last_conversation")
     if last:
         lines.append(f"last conversation: {last.get('device')}, started {_ago(last.get('started_at'))}, "

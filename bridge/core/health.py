@@ -38,6 +38,8 @@ class DeviceHealth:
     """Times the device's task failed unexpectedly and was restarted."""
     stored_audio_bytes: int | None = None
     """Audio recorded while out of range and still waiting on the device (None: not known)."""
+    capture_paused: str | None = None
+    """Why capture is paused (the state directory is full: where, how much is free), or None."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class AsrHealth:
     """Seconds of speech transcribed."""
     busy_seconds: float = 0.0
     """Wall time spent in Whisper calls."""
+    failing_since: datetime | None = None
+    """When transcription began to fail (None: it works); speech waits on disk meanwhile."""
+    problem: str | None = None
+    """The failure in a user's words: since when, the error, what waits, the next try."""
+    quarantined: int = 0
+    """Utterances set aside after [asr] max_attempts failures (kept in quarantine/, never posted)."""
 
 
 @dataclass(frozen=True)
