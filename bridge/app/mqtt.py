@@ -322,7 +322,9 @@ class MqttPublisher:
             try:
                 await self._session(stop)
                 return
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, BridgeError, OSError) as exc:
+                # OSError: an unreadable tls_ca_file; BridgeError: an unreadable password_file.
+                # Both may be fixed while we run, so they are retried like a broker outage.
                 if self.connected:
                     _LOGGER.warning("MQTT broker %s lost (%s); reconnecting", where, exc)
                     delay = RECONNECT_MIN_SECONDS
@@ -386,24 +388,11 @@ class MqttPublisher:
                 await self._publish(client, topic, json.dumps(config, sort_keys=True))
                 self._announced.add(topic)
         current = states(snap, self.topics)
+        previous = dict(self._published)
         for topic, payload in current.items():
-            if self._published.get(topic) != payload and not self._too_soon(topic, current):
+            if previous.get(topic) != payload and not _too_soon(topic, previous, current):
                 await self._publish(client, topic, payload)
                 self._published[topic] = payload
-
-    def _too_soon(self, topic: str, current: dict[str, str]) -> bool:
-        """A 'last audio' that moved on less than a step, on a link that stayed as it was, waits."""
-        if not topic.endswith("/" + LAST_AUDIO.key):
-            return False
-        before, now = self._published.get(topic), current[topic]
-        if before in (None, UNKNOWN) or now == UNKNOWN:
-            return False
-        assert before is not None
-        link = topic.removesuffix(LAST_AUDIO.key) + CONNECTED.key
-        if self._published.get(link) != current.get(link):
-            return False
-        step = (datetime.fromisoformat(now) - datetime.fromisoformat(before)).total_seconds()
-        return 0 <= step < TIMESTAMP_STEP_SECONDS
 
     async def _drain_events(self, client: aiomqtt.Client) -> None:
         while not self._events.empty():
@@ -416,6 +405,20 @@ class MqttPublisher:
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: str) -> None:
         await client.publish(topic, payload, qos=QOS, retain=True, timeout=PUBLISH_TIMEOUT_SECONDS)
+
+
+def _too_soon(topic: str, previous: dict[str, str], current: dict[str, str]) -> bool:
+    """A 'last audio' that moved on less than a step, on a link that stayed as it was, waits."""
+    if not topic.endswith("/" + LAST_AUDIO.key):
+        return False
+    before, now = previous.get(topic), current[topic]
+    if before is None or UNKNOWN in (before, now):
+        return False
+    link = topic.removesuffix(LAST_AUDIO.key) + CONNECTED.key
+    if previous.get(link) != current.get(link):
+        return False
+    step = (datetime.fromisoformat(now) - datetime.fromisoformat(before)).total_seconds()
+    return 0 <= step < TIMESTAMP_STEP_SECONDS
 
 
 async def _first(stop: asyncio.Event, wake: asyncio.Event) -> None:
