@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_daemon_e2e import Daemon, Simulator, daemon_env, logs, write_config
 
 from bridge.app.mqtt import MqttPublisher
+from bridge.cli import main
 from bridge.config import MqttOptions
 from bridge.core.health import DeviceHealth, HealthSnapshot
 
@@ -421,3 +422,19 @@ async def test_tls_broker_is_verified_and_an_unverifiable_one_never_holds_up_a_s
     finally:
         ha.close()
         broker.stop()
+
+
+def test_check_config_warns_about_an_unreadable_mqtt_password_without_refusing_to_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMI_API_KEY", raising=False)
+    config = write_config(tmp_path, [("omi", PENDANT, "pendant")], "http://127.0.0.1:9", gap=3.0)
+    config.write_text(config.read_text() + '\n[mqtt]\nenabled = true\nusername = "omi-bridge"\n'
+                      f'password_file = "{tmp_path / "missing"}"\n')
+    assert main(["check-config", "--config", str(config)]) == 0  # capture does not depend on it
+    out = capsys.readouterr().out
+    assert "warning: [mqtt] password_file" in out and "cannot log in" in out
+
+    (tmp_path / "missing").write_text("secret\n")
+    (tmp_path / "missing").chmod(0o644)
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "chmod 600" in capsys.readouterr().out

@@ -160,6 +160,33 @@ def _check_api_key(config: Config) -> list[Problem]:
                     "Developer) and set [api] api_key_file (or $OMI_API_KEY)")]
 
 
+def _check_mqtt(config: Config) -> list[Problem]:
+    """MQTT findings are warnings: Home Assistant missing the bridge must never stop capture."""
+    mqtt = config.mqtt
+    if not mqtt.enabled:
+        return []
+    problems = []
+    if mqtt.password_file:
+        key = "[mqtt] password_file"
+        path = Path(mqtt.password_file).expanduser()
+        try:
+            mode = path.stat().st_mode
+            path.read_bytes()
+        except OSError as exc:
+            return [Problem(key, f"cannot read {path}: {exc.strerror}; the bridge cannot log in to the "
+                            "broker", "create it readable by the service user only (sudo install -m 600 "
+                            f"-o omi-bridge -g omi-bridge /dev/null {path}; sudoedit {path})",
+                            warning=True)]
+        if mode & SECRET_READABLE_BITS:
+            problems.append(Problem(key, f"{path} is readable by other users (mode {stat.S_IMODE(mode):o})",
+                                    f"chmod 600 {path}", warning=True))
+    if mqtt.tls and mqtt.tls_ca_file and not Path(mqtt.tls_ca_file).expanduser().is_file():
+        problems.append(Problem("[mqtt] tls_ca_file", f"{mqtt.tls_ca_file} does not exist; the broker's "
+                                "certificate cannot be checked", "point it at the broker's CA "
+                                "certificate (PEM), or leave it empty to use the system's", warning=True))
+    return problems
+
+
 def _check_storage(config: Config) -> list[Problem]:
     key = "[storage] dir"
     path = config.storage.path
@@ -222,7 +249,7 @@ def check(cli_path: str | None, *, with_adapter: bool = False) -> tuple[Config |
     config, parse_problems = parse_config(data, where)
     problems = [Problem(where, text, "fix the key named here (config.example.toml documents every key)")
                 for text in parse_problems]
-    steps = [_check_devices, _check_base_url, _check_api_key, _check_model, _check_storage]
+    steps = [_check_devices, _check_base_url, _check_api_key, _check_model, _check_storage, _check_mqtt]
     if with_adapter:
         steps.append(_check_adapter)
     for step in steps:
