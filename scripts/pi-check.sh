@@ -116,7 +116,9 @@ run_in_root() {  # run an arm64 program inside the userland (argv: program, args
     if [ "$BINFMT" = yes ]; then
         chroot "$ROOT" "${env[@]}" "$@"
     else
-        chroot "$ROOT" /usr/bin/qemu-aarch64-static /usr/bin/env "${env[@]:1}" "$@"
+        # Without binfmt an arm64 program cannot exec another one: the environment is set on
+        # this side and qemu runs the program itself.
+        "${env[@]}" "$(command -v chroot)" "$ROOT" /usr/bin/qemu-aarch64-static "$@"
     fi
 }
 
@@ -126,10 +128,12 @@ cleanup() {
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
+# No /sys: with the host's there, onnxruntime's cpuinfo reads x86 CPU topology and the emulated
+# process crashes (SIGSEGV); without it cpuinfo logs "failed to parse" and falls back, harmlessly.
 for fs in proc dev; do
     if ! mountpoint -q "$ROOT/$fs"; then
         mkdir -p "$ROOT/$fs"
-        if [ "$fs" = proc ]; then mount -t proc proc "$ROOT/proc"; else mount --bind /dev "$ROOT/dev"; fi
+        if [ "$fs" = proc ]; then mount -t proc proc "$ROOT/proc"; else mount --bind "/$fs" "$ROOT/$fs"; fi
         mounted+=("$ROOT/$fs")
     fi
 done
@@ -156,6 +160,7 @@ if ! "$HOST_PY" -m pip download -q --only-binary=:all: "${platforms[@]}" --pytho
         --implementation cp -d "$WHEELS/deps" --find-links "$WHEELS/src" --find-links "$WHEELS/deps" \
         "$bridge_whl$extras" >"$CACHE/download.log" 2>&1; then
     missing="$(grep -oE 'No matching distribution found for [^ ]+' "$CACHE/download.log" | awk '{print $NF}' | head -n1)"
+    missing="${missing%%[<>=!~;[]*}"   # the name, without its version specifier
     if [ -n "$missing" ]; then
         say "no aarch64 wheel for $missing: building it here (must be pure Python)"
         "$HOST_PY" -m pip wheel -q --no-deps --no-binary "$missing" -w "$WHEELS/src" "$missing" \
@@ -177,7 +182,9 @@ fi
 # --- step: install into the arm64 userland ---------------------------------------------------
 rm -rf "$ROOT/tmp/wheels" "$ROOT"/tmp/install-report*.json
 mkdir -p "$ROOT/tmp/wheels"
-cp "$WHEELS"/src/*.whl "$WHEELS"/deps/*.whl "$ROOT/tmp/wheels/"
+# pip download copied the local wheels into deps/ too; the fresh ones in src/ win.
+cp -f "$WHEELS"/deps/*.whl "$ROOT/tmp/wheels/"
+cp -f "$WHEELS"/src/*.whl "$ROOT/tmp/wheels/"
 report="$CACHE/wheels-used.json"
 if [ "$BINFMT" = yes ]; then
     if [ ! -x "$ROOT/opt/omi-bridge/.venv/bin/python" ]; then
