@@ -438,3 +438,27 @@ def test_check_config_warns_about_an_unreadable_mqtt_password_without_refusing_t
     (tmp_path / "missing").chmod(0o644)
     assert main(["check-config", "--config", str(config)]) == 0
     assert "chmod 600" in capsys.readouterr().out
+
+
+async def test_audio_stored_on_the_pendant_is_an_entity_once_offline_sync_knows_it(
+        tmp_path: Path, broker: Broker) -> None:
+    ha = Subscriber(broker)
+    now = datetime.now(UTC)
+    pendant = DeviceHealth(name="pendant", address=PENDANT, kind="omi", stored_audio_bytes=48_000)
+    unknown = DeviceHealth(name="away", address=AWAY, kind="omi")
+    snap = HealthSnapshot(taken_at=now, started_at=now, ready=True, devices=(pendant, unknown))
+    stop = asyncio.Event()
+    options = MqttOptions(enabled=True, host="127.0.0.1", port=broker.port)
+    task = asyncio.create_task(MqttPublisher(options, lambda: snap).run(stop))
+    try:
+        config = check_discovery(await asyncio.to_thread(
+            ha.any_on, config_topic("sensor", PENDANT, "stored_audio")))
+        assert (config["device_class"], config["unit_of_measurement"]) == ("data_size", "B")
+        await asyncio.to_thread(ha.state, device_topic(PENDANT, "stored_audio"), "48000")
+        await asyncio.to_thread(ha.state, device_topic(AWAY, "connected"), "OFF")
+        # A device whose storage is not known gets no such entity (rather than a stuck 'unknown').
+        assert not [m for m in ha.messages if m.topic == config_topic("sensor", AWAY, "stored_audio")]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        ha.close()
