@@ -523,7 +523,7 @@ class Daemon:
                 frames_lost=st.lost_frames, reconnects=st.reconnects,
                 speech_seconds=float(getattr(d.pipeline, "speech_seconds", 0.0)),
                 button_presses=d.button_presses, task_failures=d.restarts,
-                capture_paused=_pause_text(d.pipeline)))
+                stored_audio_bytes=_stored_bytes(d), capture_paused=_pause_text(d.pipeline)))
         asr = AsrHealth()
         if self.worker is not None:
             h = self.worker.health()
@@ -581,6 +581,15 @@ class Daemon:
 def _pause_text(pipeline: Any) -> str | None:
     pause = getattr(pipeline, "disk_paused", None)
     return None if pause is None else str(pause.describe())
+
+
+def _stored_bytes(state: DeviceState) -> int | None:
+    """Audio waiting on the pendant, when its offline sync knows (None: no sync, or not known)."""
+    offline = getattr(state, "offline", None)
+    if offline is None:
+        return None
+    waiting = offline.sync.status.waiting_bytes
+    return int(waiting) if waiting is not None else None
 
 
 def _pid() -> int:
