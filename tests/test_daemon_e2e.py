@@ -203,8 +203,9 @@ def daemon_env(bus: PrivateBus, notify: NotifySocket | None = None) -> dict[str,
 class Simulator:
     """``python -m omi_bridge_sim`` joining ``bus`` with the given pendants."""
 
-    def __init__(self, bus: PrivateBus, devices: list[tuple[str, str]], wav: Path, log: Path) -> None:
-        args = [sys.executable, "-m", "omi_bridge_sim", "--bus", bus.address]
+    def __init__(self, bus: PrivateBus, devices: list[tuple[str, str]], wav: Path, log: Path,
+                 extra: tuple[str, ...] = ()) -> None:
+        args = [sys.executable, "-m", "omi_bridge_sim", "--bus", bus.address, *extra]
         for kind, address in devices:
             args += [f"--{kind}", f"{address}:{wav}"]
         self._log = log.open("ab")

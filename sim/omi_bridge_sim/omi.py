@@ -49,6 +49,12 @@ from omi_bridge_sim.model import (
     ServiceSpec,
     full_uuid,
 )
+from omi_bridge_sim.omi_storage import (
+    STORAGE_DATA_UUID,
+    STORAGE_SERVICE_UUID,
+    STORAGE_STATUS_UUID,
+    PendantStorage,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +97,7 @@ FEATURE_BUTTON = 1 << 2
 FEATURE_BATTERY = 1 << 3
 FEATURE_LED_DIMMING = 1 << 7
 FEATURE_MIC_GAIN = 1 << 8
+FEATURE_OFFLINE_STORAGE = 1 << 6  # features.h; omi-storage.md §1
 CV1_FEATURES = FEATURE_BUTTON | FEATURE_BATTERY | FEATURE_LED_DIMMING | FEATURE_MIC_GAIN
 
 # Codec ids, byte 0 of 19B10002 (omi-device.md §3).
@@ -276,6 +283,10 @@ class OmiModel(DeviceModel):
     hardware: str = "5.0"
     serial: str = "SIM0001"
     features: int = CV1_FEATURES
+    storage: PendantStorage | None = None
+    """Offline storage (``omi_bridge_sim.omi_storage``): with it the pendant has the storage
+    service and keeps what it records while no central is connected; None: a build without
+    offline storage (omi-storage.md §1)."""
     frame_log: deque[tuple[int, float, int | None, str]] = field(
         default_factory=lambda: deque(maxlen=FRAME_LOG_LIMIT), repr=False)
     """Per produced frame: (frame number, due time on the loop clock, first index or None,
@@ -331,9 +342,13 @@ class OmiModel(DeviceModel):
                 c(TIME_SYNC_READ_UUID, ("read",), bytes(4)),
             )),
             ServiceSpec(FEATURES_SERVICE_UUID, (
-                c(FEATURES_UUID, ("read",), struct.pack("<I", self.features)),
+                c(FEATURES_UUID, ("read",), struct.pack(
+                    "<I", self.features | (FEATURE_OFFLINE_STORAGE if self.storage else 0))),
             )),
-        ]
+        ] + ([ServiceSpec(STORAGE_SERVICE_UUID, (
+            c(STORAGE_DATA_UUID, ("write", "notify")),
+            c(STORAGE_STATUS_UUID, ("read", "notify")),
+        ))] if self.storage is not None else [])
 
     # --- derived facts for tests ---------------------------------------------------------------
     @property
@@ -420,16 +435,24 @@ class OmiModel(DeviceModel):
     # --- hooks ---------------------------------------------------------------------------------
     def on_connect(self, ctx: DeviceContext) -> None:
         self.stats.connects += 1
+        if self.storage is not None:
+            self.storage.attach(ctx)
 
     def on_disconnect(self) -> None:
         self.stats.disconnects += 1
+        if self.storage is not None:
+            self.storage.detach()
 
     def on_read(self, char_uuid: str) -> bytes:
         u = full_uuid(char_uuid)
         if u == AUDIO_DATA_UUID:
             return b""  # audio only arrives as notifications (omi-device.md §2)
         if u == TIME_SYNC_READ_UUID:
+            if self.storage is not None:
+                return struct.pack("<I", self.storage.pendant_time())
             return struct.pack("<I", self._device_time())
+        if u == STORAGE_STATUS_UUID and self.storage is not None:
+            return self.storage.status_value()
         return self.values.get(u, b"")
 
     def on_write(self, char_uuid: str, data: bytes, with_response: bool) -> None:
@@ -441,6 +464,11 @@ class OmiModel(DeviceModel):
             (epoch,) = struct.unpack("<I", data)
             self.time_writes.append(epoch)
             self._time_set_at = (epoch, time.monotonic())
+            if self.storage is not None:
+                self.storage.time_written(epoch)
+            return
+        if u == STORAGE_DATA_UUID and self.storage is not None:
+            self.storage.on_write(bytes(data))
             return
         self.values[u] = bytes(data)
 
@@ -518,6 +546,8 @@ class OmiModel(DeviceModel):
         ctx = self.ctx
         if ctx is None or not ctx.connected:
             self.stats.frames_offline += 1
+            if self.storage is not None:
+                self.storage.store_frame(frame, time.time() - self.frame_seconds)
             return None, "offline"
         if ctx.mtu < self.min_mtu or not ctx.is_notifying(AUDIO_DATA_UUID):
             self.stats.frames_unsubscribed += 1
