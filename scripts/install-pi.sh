@@ -137,7 +137,11 @@ fi
 if [ "$EXTRAS" = __auto__ ]; then
     # ctranslate2 and onnxruntime publish no 32-bit ARM wheels: there, ASR runs on a Wyoming server.
     case "$(uname -m)" in
-        armv7l|armv6l) EXTRAS=""; say "32-bit ARM: installing without local ASR (set [asr] backend = \"wyoming\")" ;;
+        armv7l|armv6l)
+            EXTRAS=""
+            say "32-bit ARM: installing without local ASR (set [asr] backend = \"wyoming\")"
+            # numpy, soxr and dbus-fast publish no armv7 wheels on PyPI: pip may build them.
+            APT_PACKAGES+=(build-essential cmake python3-dev) ;;
         *) EXTRAS=local-asr ;;
     esac
 fi
@@ -208,8 +212,12 @@ mkdir -p "$conf_dir"
 conf="$conf_dir/config.toml"
 if [ ! -e "$conf" ]; then
     # The example documents every key; point the key file and storage at their installed places.
+    # Without local ASR the config names the remote backend, so doctor asks for its server.
+    asr_backend=local
+    [[ ",$EXTRAS," == *,local-asr,* ]] || asr_backend=wyoming
     sed -e "s|^# api_key_file = \"\"|api_key_file = \"$CONF_DIR/api_key\"|" \
         -e "s|^# dir = \"\"|dir = \"$STATE_DIR\"|" \
+        -e "s|^# backend = \"local\"|backend = \"$asr_backend\"|" \
         "$SRC/config.example.toml" >"$conf.new"
     chown "$SVC_UID:$SVC_GID" "$conf.new"
     chmod 0600 "$conf.new"

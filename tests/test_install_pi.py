@@ -110,6 +110,7 @@ def test_files_owners_and_modes_are_what_the_service_needs(installed: tuple[Path
     data = tomllib.loads(conf.read_text())
     assert data["api"]["api_key_file"] == "/etc/omi-bridge/api_key"
     assert data["storage"]["dir"] == "/var/lib/omi-bridge"
+    assert data["asr"]["backend"] == "wyoming"  # installed without local-asr (FAST), as on armv7
     _config, problems = parse_config(data, str(conf))
     assert problems == []
 
