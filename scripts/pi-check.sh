@@ -104,6 +104,13 @@ if [ ! -e "$stage" ]; then
             tail -n 20 "$CACHE/debootstrap.log" >&2
             fail "debootstrap (second stage)" "see $CACHE/debootstrap.log"
         fi
+    else
+        # The first stage unpacks only the base system; the included packages (python3, ...)
+        # lie downloaded in the archive cache. Unpack them too (no maintainer scripts run).
+        say "unpacking the downloaded packages (no second stage without binfmt)"
+        for deb in "$ROOT"/var/cache/apt/archives/*.deb; do
+            dpkg-deb -x "$deb" "$ROOT"
+        done
     fi
     touch "$stage"
 else
@@ -138,7 +145,9 @@ for fs in proc dev; do
     fi
 done
 
-say "arm64 userland: $(run_in_root /usr/bin/python3 -c 'import platform,sys; print(platform.machine(), "Python", sys.version.split()[0])')"
+userland="$(run_in_root /usr/bin/python3 -c 'import platform,sys; print(platform.machine(), "Python", sys.version.split()[0])' 2>&1)" ||
+    fail "arm64 python3" "the emulated python3 does not start: $userland"
+say "arm64 userland: $userland"
 
 # --- step: aarch64 wheels --------------------------------------------------------------------
 # pip matches --platform tags exactly, so list every manylinux glibc level bookworm (2.36) runs.
