@@ -29,6 +29,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class Daemon:
         self._outbox_status: dict[str, Any] = {}
         self._outbox_checked = 0.0
         self.enqueued = 0
+        self._enqueue_lock = threading.Lock()
         self.last_conversation: dict[str, Any] | None = None
         self.on_enqueued: Callable[[Conversation], None] | None = None
         """Test/demo hook, called after a conversation is committed to the outbox."""
@@ -158,10 +160,12 @@ class Daemon:
     # ------------------------------------------------------------------ conversations
 
     def _enqueue(self, conv: Conversation) -> None:
-        """Speech → outbox. Runs on the worker thread or the loop; raising keeps the conversation
-        on disk for the next recovery, so the commit must happen here, synchronously."""
+        """Speech → outbox. Runs on the ASR worker thread, a device's capture thread or the loop,
+        several at once (the outbox serialises its writes); raising keeps the conversation on disk
+        for the next recovery, so the commit must happen here, synchronously."""
         self.outbox.enqueue(conv, self.config.location, time.time())
-        self.enqueued += 1
+        with self._enqueue_lock:
+            self.enqueued += 1
         text = " ".join(s.text for s in conv.segments)
         self.last_conversation = {"device": conv.device, "client_session_id": conv.client_session_id,
                                   "started_at": conv.started_at.isoformat(timespec="seconds"),
@@ -324,8 +328,11 @@ class Daemon:
         extra["on_button"] = lambda code, s=state: self._on_button(s, code)
         while not stop.is_set():
             try:
+                # Decoding, VAD and spool writes on the device's capture thread: a slow fsync
+                # must not stop the loop reading notifications (bridge/audio/capture.py).
                 link = DeviceLink(dev, self.config.link, state.pipeline,
-                                  on_stats=lambda stats, s=state: self._on_stats(s, stats), extra=extra)
+                                  on_stats=lambda stats, s=state: self._on_stats(s, stats), extra=extra,
+                                  capture_thread=True)
                 state.stats = link.stats
                 await link.run(stop)
                 return

@@ -1,11 +1,11 @@
 """One connection's audio path: notifications → frames → 16 kHz PCM → timeline.
 
 Built fresh on every connect (new depacketizer, new decoder: omi-device.md §6.2); the timeline
-and the ``LinkStats`` outlive connections. Cheap enough to run inside the notification callback
-(about 20 µs per Opus frame, see ``bench/link.py``); ``push_batch`` takes the several
-notifications one batched read delivers (bridge/devices/notify.py) and writes their audio to the
-timeline in one piece, so per-write costs downstream (VAD framing, spooling) are paid once per
-batch, not once per frame.
+and the ``LinkStats`` outlive connections. ``push_batch`` takes the several notifications one
+batched read delivers (bridge/link/notify.py) and writes their audio to the timeline in one
+piece, so per-write costs downstream (VAD framing, spooling) are paid once per batch, not once
+per frame. In the daemon it runs on the device's capture thread (bridge/audio/capture.py), with
+the arrival time the event loop took.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ class AudioStream:
             events += push(packet)
         self._handle(events, at)
 
-    def close(self) -> None:
-        """The connection ended: decode a held frame and the resampler's lookahead."""
-        now = time.monotonic()
+    def close(self, at: float | None = None) -> None:
+        """The connection ended (at monotonic time ``at``, default now): decode a held frame and
+        the resampler's lookahead."""
+        now = time.monotonic() if at is None else at
         self._handle(self.depacketizer.flush(), now)
         tail = self.decoder.flush()
         if len(tail):

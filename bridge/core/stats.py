@@ -23,6 +23,9 @@ class LinkStats:
     """Notifications seen twice (same index, same bytes) and dropped."""
     malformed: int = 0
     """Notifications too short or with broken fragments, dropped."""
+    capture_dropped: int = 0
+    """Notifications dropped because audio processing fell about a minute behind (a stalled disk
+    or CPU, bridge/audio/capture.py); Omi conceals them as lost frames."""
     reconnects: int = 0
     """Successful connections after the first one."""
     battery: int | None = None

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import random
@@ -84,6 +85,7 @@ from bleak.exc import (
     BleakError,
 )
 
+from bridge.audio.capture import Capture
 from bridge.audio.timeline import AudioTimeline
 from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
@@ -117,6 +119,10 @@ class SessionContext:
     options: LinkOptions
     extra: dict[str, Any] = field(default_factory=dict)
     """Kind-specific settings (e.g. ``{"frame": FrameOptions}``) and hooks (``"on_button"``)."""
+    capture: Capture = field(default_factory=Capture)
+    """Where audio work runs: every write to ``timeline`` (and any decoding before it) goes
+    through ``capture.submit`` from the loop, so it keeps its order with the link's gap fills
+    (bridge/audio/capture.py)."""
 
     @property
     def label(self) -> str:
@@ -442,13 +448,18 @@ class DeviceLink:
 
     def __init__(self, device: DeviceConfig, options: LinkOptions, sink: PcmSink,
                  on_stats: Callable[[LinkStats], None] | None = None, *,
-                 extra: dict[str, Any] | None = None, raise_errors: bool = False) -> None:
+                 extra: dict[str, Any] | None = None, raise_errors: bool = False,
+                 capture_thread: bool = False) -> None:
         self.device = device
         self.options = options
         self.stats = LinkStats()
         self.timeline = AudioTimeline(sink)
         self.on_stats = on_stats
-        self.context = SessionContext(device, self.timeline, self.stats, options, dict(extra or {}))
+        self.capture = Capture(device.label, threaded=capture_thread, stats=self.stats)
+        """``capture_thread``: decoding and the sink run on a thread of this device's (the
+        daemon: its sink does VAD and disk writes); otherwise inline on the loop."""
+        self.context = SessionContext(device, self.timeline, self.stats, options, dict(extra or {}),
+                                      capture=self.capture)
         cls = session_class(device.kind)
         self._fill_quiet = bool(getattr(cls, "FILL_QUIET", False))
         """Sessions whose device may go quiet while connected set ``FILL_QUIET`` (Omi); Frame
@@ -456,10 +467,11 @@ class DeviceLink:
         self.supervisor = LinkSupervisor(
             device, options, lambda: cls(self.context), self.stats,
             service_uuids=cls.SERVICE_UUIDS, raise_errors=raise_errors,
-            on_link_down=self.timeline.link_down)
+            on_link_down=self._link_down)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the link until ``stop`` is set; then disconnect and return."""
+        self.capture.start()
         ticker = asyncio.create_task(self._tick(stop))
         try:
             await self.supervisor.run(stop)
@@ -467,14 +479,20 @@ class DeviceLink:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            if self.capture.threaded:
+                await asyncio.to_thread(self.capture.stop)  # what was captured reaches the sink
             self._report()
+
+    def _link_down(self) -> None:
+        self.capture.submit(self.timeline.link_down)  # after the session's last audio
 
     async def _tick(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+            # The wall clock the fills aim at is read here, on the loop, in order with the audio.
             if not self.stats.connected:
-                self.timeline.catch_up()
+                self.capture.submit(functools.partial(self.timeline.catch_up, time.monotonic()))
             elif self._fill_quiet:
                 # A pendant may pause notifications on silence yet stay connected (AAD,
                 # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile. Packets
@@ -483,7 +501,7 @@ class DeviceLink:
                 flush = getattr(self.supervisor.session, "flush", None)
                 if flush is not None:
                     flush()
-                self.timeline.quiet()
+                self.capture.submit(functools.partial(self.timeline.quiet, time.monotonic()))
             self.stats.samples_written = self.timeline.samples_written
             self._report()
 

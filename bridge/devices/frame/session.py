@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
+
+import numpy as np
 
 from bridge.audio.frame_pcm import FramePcmDecoder
 from bridge.config import FrameOptions
@@ -285,8 +288,13 @@ class FrameSession:
         self.last_activity = time.monotonic()
         self._stats.last_audio_at = datetime.now(UTC)
         if len(pcm):
-            self.ctx.timeline.audio(pcm, at=self.last_activity)
+            self._audio(pcm, self.last_activity, packets=1)
             self._stats.samples_written = self.ctx.timeline.samples_written
+
+    def _audio(self, pcm: np.ndarray, at: float, *, packets: int = 0) -> None:
+        """Into the timeline, in order with the link's gap fills (``SessionContext.capture``)."""
+        self.ctx.capture.submit(functools.partial(self.ctx.timeline.audio, pcm, at=at),
+                                packets=packets)
 
     # --- set-up ---------------------------------------------------------------------------------
     async def _ensure_bonded(self, address: str) -> None:
@@ -400,8 +408,8 @@ class FrameSession:
         assert self._decoder is not None
         tail = self._decoder.flush()
         if len(tail):
-            self.ctx.timeline.audio(tail)
-        self.ctx.timeline.link_down()
+            self._audio(tail, time.monotonic())
+        self.ctx.capture.submit(self.ctx.timeline.link_down)
         opts = self._options
         self._decoder = FramePcmDecoder(opts.sample_rate, opts.bit_depth, device=self._label)
 
@@ -446,5 +454,5 @@ class FrameSession:
             tail = self._decoder.flush()
             self._decoder = None
             if len(tail):
-                self.ctx.timeline.audio(tail)
+                self._audio(tail, time.monotonic())
                 self._stats.samples_written = self.ctx.timeline.samples_written
