@@ -70,7 +70,7 @@ fi
 if [ "$BINFMT" = yes ]; then
     say "binfmt_misc: qemu-aarch64 registered, arm64 programs run transparently"
 else
-    say "binfmt_misc: no qemu-aarch64 handler here (cannot mount or register binfmt_misc);"
+    say "binfmt_misc: no enabled qemu-aarch64 handler (binfmt_misc cannot be mounted or registered here);"
     say "  skipping debootstrap's second stage and pip inside the userland: packages are unpacked"
     say "  only, wheels installed from this host, and python started via qemu-aarch64-static"
 fi
@@ -88,7 +88,15 @@ mirror="${mirror:-http://deb.debian.org/debian}"
 # --- step: debootstrap -----------------------------------------------------------------------
 mkdir -p "$CACHE"
 stage="$ROOT/.pi-check-$BINFMT"
+# A run that was killed may have left /proc and /dev mounted in the userland: unmount them before
+# anything is deleted there (rm -rf through a /dev bind mount would empty the host's /dev).
+for m in "$ROOT/proc" "$ROOT/dev" "$ROOT/sys"; do
+    if mountpoint -q "$m" 2>/dev/null; then umount -l "$m"; fi
+done
 if [ ! -e "$stage" ]; then
+    if grep -q " $ROOT/" /proc/mounts; then
+        fail "debootstrap" "something is still mounted under $ROOT; unmount it first"
+    fi
     rm -rf "$ROOT"
     say "debootstrap $SUITE arm64 from $mirror into $ROOT (first run: several minutes)"
     include="$(IFS=,; echo "${APT_IN_ROOT[*]}")"
@@ -135,6 +143,7 @@ cleanup() {
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 # No /sys: with the host's there, onnxruntime's cpuinfo reads x86 CPU topology and the emulated
 # process crashes (SIGSEGV); without it cpuinfo logs "failed to parse" and falls back, harmlessly.
 for fs in proc dev; do
