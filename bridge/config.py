@@ -58,6 +58,10 @@ class DeviceConfig:
                    choices=("omi", "frame"))
     address: str = _f("", "Bluetooth address as `bluetoothctl` shows it, e.g. \"AA:BB:CC:DD:EE:FF\".")
     name: str = _f("", "Name used in logs and status (default: the address).")
+    offline_sync: bool = _f(
+        True, "Omi only: on every connect, fetch what the pendant recorded while out of range "
+        "(its SD card) and post it as conversations at the times it was spoken; live audio keeps "
+        "streaming meanwhile. Nothing is freed on the pendant before it is on this disk.")
 
     @property
     def label(self) -> str:

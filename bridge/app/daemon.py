@@ -120,6 +120,8 @@ class DeviceState:
     disconnected_since: datetime | None = None
     restarts: int = 0
     button_presses: int = 0
+    offline: Any = None
+    """The pendant's offline sync (``bridge.app.offline.OfflineParts``), when enabled."""
 
 
 class Daemon:
@@ -182,6 +184,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
+        from bridge.app.offline import offline_for
         from bridge.outbox.sender import Sender
         from bridge.outbox.store import Outbox
         from bridge.speech.asr.worker import AsrWorker
@@ -217,6 +220,8 @@ class Daemon:
                 pipeline = SpeechPipeline(dev.address, self.config, self.worker, self._enqueue,
                                           source=dev.kind, label=dev.label, storage=self.storage)
                 self.devices.append(DeviceState(dev, pipeline))
+                self.devices[-1].offline = await asyncio.to_thread(
+                    offline_for, self.config, dev, self.worker, self._enqueue, self.storage)
             self._set_phase("recovering interrupted conversations")
             for state in self.devices:
                 # resume: a conversation the crash interrupted continues with this run's audio.
@@ -233,6 +238,9 @@ class Daemon:
                 return
             for state in self.devices:
                 tasks.append(asyncio.create_task(self._device_task(state, stop)))
+                if state.offline is not None:
+                    tasks.append(asyncio.create_task(self._supervise(
+                        f"{state.device.label} offline sync", state.offline.run, stop)))
             self.ready = True
             self._set_phase("")
             names = ", ".join(f"{d.device.label} ({d.device.kind})" for d in self.devices)
@@ -326,6 +334,8 @@ class Daemon:
         delay = DEVICE_RESTART_MIN_SECONDS
         extra: dict[str, Any] = {"frame": self.config.frame} if dev.kind == "frame" else {}
         extra["on_button"] = lambda code, s=state: self._on_button(s, code)
+        if state.offline is not None:
+            extra["offline_sync"] = state.offline.sync
         while not stop.is_set():
             try:
                 # Decoding, VAD and spool writes on the device's capture thread: a slow fsync
@@ -409,7 +419,8 @@ class Daemon:
         return self.worker is None or self.worker.healthy()
 
     def backlog_seconds(self) -> float:
-        pipelines = [d.pipeline for d in self.devices] + self._orphans
+        pipelines = ([d.pipeline for d in self.devices] + self._orphans
+                     + [d.offline for d in self.devices if d.offline is not None])
         return sum(p.backlog_seconds() for p in pipelines)
 
     def outbox_status(self) -> dict[str, Any]:
@@ -488,6 +499,7 @@ class Daemon:
                 "conversation_started_at": conv_start.isoformat() if conv_start is not None else None,
                 "capture_paused": _pause_text(d.pipeline),
                 "link": stats,
+                "offline": d.offline.status() if d.offline is not None else None,
             })
         health: dict[str, Any] = {}
         if self.worker is not None:
