@@ -6,7 +6,6 @@ pendant's storage service (sim/omi_bridge_sim/omi_storage.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import threading
@@ -114,7 +113,7 @@ async def test_ring_sync_gives_every_stored_frame_its_spoken_time(fake_bluez, tm
     model = silent_pendant(storage)
     await fake_bluez.add_device(model)
     sink = Collector()
-    sync, link = await sync_once(fake_bluez, model, sink, tmp_path)
+    sync, _link = await sync_once(fake_bluez, model, sink, tmp_path)
     assert sync.status.state == "done" and sync.status.protocol == "ring"
     # Both clips, every frame, decoded (the silent microphone's own offline frames come after).
     first = [b for b in sink.blocks if b.started_at < SPOKEN_AT + 300]
@@ -286,7 +285,3 @@ def test_generation_is_chosen_by_firmware_revision_only() -> None:
     assert st.generation_for("2.0.5") is st.Generation.LEGACY
     assert st.generation_for("CV1 build 7") is None
     assert st.crc32(b"123456789") == 0xCBF43926  # the reference's test vector (§3.4)
-
-
-def _unused() -> None:  # keep json imported for later tests
-    json.dumps({})
