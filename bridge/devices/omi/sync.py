@@ -379,6 +379,8 @@ class PendantSync:
         self.status.protocol = self.spool.state.get("protocol")
         self.new_data = asyncio.Event()
         """Set when records became durable (the consumer task waits on it)."""
+        self.sync_ended = asyncio.Event()
+        """Set whenever a sync on a connection ends, however (``omi-bridge sync`` waits on it)."""
         self._consume_lock = threading.Lock()
         self._placer = TimePlacer(gap_seconds)
         self._decoder: Decoder | None = None
@@ -504,6 +506,7 @@ class PendantSync:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.spool.save_state)
             self.new_data.set()
+            self.sync_ended.set()
             self._progress()
         return result
 
