@@ -4,6 +4,7 @@ can. The audio of a window that failed stays on disk until a server has transcri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import numpy as np
 import pytest
 from omi_bridge_sim.wyoming import FakeWyomingServer, WyomingServer, free_port
 
+from bridge.app.daemon import Daemon
+from bridge.app.systemd import Notifier
 from bridge.audio.files import decode_file
-from bridge.config import AsrOptions, Config, ConversationOptions, parse_config
+from bridge.config import AsrOptions, Config, ConversationOptions, load_config, parse_config
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.records import Conversation
 from bridge.speech.asr.backend import AsrError, AsrUnavailable
@@ -330,3 +333,29 @@ def test_a_wyoming_uri_that_is_not_one_is_a_config_error_naming_the_key() -> Non
         assert problems == [f'[asr] uri must look like "tcp://host:10300" (or "unix:///path"), not {bad!r}']
     _, problems = parse_config({"asr": {"backend": "wyoming", "uri": "tcp://asr.lan:10300"}})
     assert problems == []
+
+
+async def test_status_names_the_server_its_model_and_round_trip(
+        tmp_path: Path, fake_bluez: Any, server: WyomingServer) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[asr]\nbackend = "wyoming"\nuri = "{server.uri}"\n\n'
+                   f'[storage]\ndir = "{tmp_path / "state"}"\n')
+    daemon = Daemon(load_config(str(cfg)), notifier=Notifier({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not daemon.ready:  # the daemon's own readiness, polled with a bound
+            assert time.monotonic() < deadline and not task.done(), "daemon did not get ready"
+            await asyncio.sleep(0.05)
+        run = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bridge", "status", "--config", str(cfg)],
+            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    line = next(x for x in run.stdout.splitlines() if server.uri in x)
+    assert "faster-whisper" in line and "model " in line and "round trip" in line, run.stdout
+    assert "0 errors" in line
+    print(run.stdout)

@@ -209,13 +209,14 @@ class Daemon:
             self._publish()
             self.outbox = Outbox.open(self.storage)
             self.sender = Sender(self.outbox, self.config.api)
-            self._set_phase("loading the transcription model")
+            self._set_phase("loading the transcription model" if self.config.asr.backend == "local"
+                            else "asking the transcription server what it runs")
             self.worker = AsrWorker(self.config.asr, model=self._model)
             try:
                 await asyncio.to_thread(self.worker.start)
             except BridgeError as exc:  # per window it would fail for ever: stop here instead
                 raise StartupError(exc.message, _model_hint(self.config, exc)) from exc
-            _LOGGER.info("transcription model %s loaded", self.config.asr.model)
+            _LOGGER.info("transcription: %s", self.worker.backend.describe())
             for dev in self.config.devices:
                 pipeline = SpeechPipeline(dev.address, self.config, self.worker, self._enqueue,
                                           source=dev.kind, label=dev.label, storage=self.storage)
@@ -511,6 +512,9 @@ class Daemon:
                       "problem": h.problem(), "utterances_waiting": h.utterances_waiting,
                       "quarantined": self.quarantined(),
                       "quarantine_dir": str(self.storage / "quarantine")}
+            backend = getattr(self.worker, "backend", None)
+            if backend is not None:  # which engine or server, its model, round trip, errors
+                health["backend"] = backend.status()
         ob = self.outbox_status()
         counts = ob.get("counts") or {}
         paused = ob.get("paused") or None

@@ -39,6 +39,23 @@ def _until(when: Any) -> str:
     return f"{local:%H:%M:%S} (now)" if age >= 0 else f"{local:%H:%M:%S} (in {_span(-age)})"
 
 
+def format_asr_backend(be: dict[str, Any]) -> list[str]:
+    """Which Wyoming server transcribes, its model, round trip and errors (nothing for local)."""
+    if be.get("backend") != "wyoming":
+        return []
+    rtt = be.get("rtt_seconds")
+    line = (f"  on {be.get('server')}: {be.get('program') or 'server not reached yet'}"
+            + (f", model {be['model']}" if be.get("model") else "")
+            + (f", round trip {rtt:.2f} s" if rtt is not None else "")
+            + f", {be.get('windows', 0)} windows, {be.get('errors', 0)} errors")
+    if be.get("fallback_windows"):
+        line += f", {be['fallback_windows']} transcribed locally while it was away"
+    lines = [line]
+    if be.get("reachable") is False and be.get("last_error"):
+        lines.append(f"  server unreachable: {be['last_error']}")
+    return lines
+
+
 def format_device(dev: dict[str, Any]) -> list[str]:
     head = f"  {dev.get('name') or dev.get('address')} ({dev.get('kind')}, {dev.get('address')}): "
     if dev.get("connected"):
@@ -99,6 +116,7 @@ def format_status(info: dict[str, Any]) -> str:
             n = tr["quarantined"]
             lines.append(f"  {n} utterance{'s' if n != 1 else ''} could not be transcribed; "
                          f"kept in {tr.get('quarantine_dir')} (never posted, never deleted)")
+        lines += format_asr_backend(tr.get("backend") or {})
     last = info.get("last_conversation")
     if last:
         lines.append(f"last conversation: {last.get('device')}, started {_ago(last.get('started_at'))}, "

@@ -82,7 +82,7 @@ class WyomingBackend:
         self.model: str | None = None
         self.languages: list[str] = []
         self.rtt_seconds: float | None = None
-        """Round trip of the last window: connect → transcript."""
+        """Round trip of the last window (connect → transcript); before one, of ``describe``."""
         self.windows = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -102,7 +102,9 @@ class WyomingBackend:
             _LOGGER.error("%s; speech waits on disk until it answers", exc.message)
 
     def probe(self) -> None:
+        t0 = time.monotonic()
         info = self._run(self._describe())
+        rtt = time.monotonic() - t0
         asr = info.asr[0] if info.asr else None
         if asr is None:
             raise self._failed(AsrError(f"the Wyoming server at {self.uri} offers no speech-to-text",
@@ -112,6 +114,8 @@ class WyomingBackend:
             self.program = asr.name
             self.model = models[0].name if models else None
             self.languages = list(models[0].languages) if models else []
+            if self.rtt_seconds is None:
+                self.rtt_seconds = rtt
         _LOGGER.info("transcription: %s", self.describe())
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> WindowResult:
