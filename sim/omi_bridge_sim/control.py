@@ -9,6 +9,10 @@ this for out-of-process tests). Methods:
 - ``Press(s address, i event)``: a button event (Omi).
 - ``SetBattery(s address, y percent)``.
 - ``Stats(s address) -> s``: JSON of the link and model counters ("" address: all devices).
+- ``FrameLog(s address) -> s``: JSON ``{"frame_samples": N, "runs": [[first, last, status, due],
+  ...]}``, what became of each microphone frame (Omi: "sent", "lost", "offline", ...), as runs of
+  frame numbers, ``due`` the first frame's time on the monotonic clock: which audio a host can
+  have heard, and when.
 - ``Quit()``: the simulator process exits.
 """
 
@@ -45,6 +49,17 @@ def device_stats(dev: FakeDevice) -> dict[str, Any]:
                            "paired": dev.paired, "in_range": dev.in_range, **dev.stats}
     out["model"] = dev.model.stats_dict()
     return out
+
+
+def frame_runs(model: Any) -> dict[str, Any]:
+    """The model's ``frame_log`` as runs of consecutive frames with the same status."""
+    runs: list[list[Any]] = []
+    for n, due, _first, status in list(getattr(model, "frame_log", ())):
+        if runs and runs[-1][2] == status and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n, status, due])
+    return {"frame_samples": getattr(model, "frame_samples", 0), "runs": runs}
 
 
 class SimControl:
@@ -117,6 +132,8 @@ class SimControl:
             else:
                 data = [device_stats(d) for d in fake.devices.values()]
             return "s", [json.dumps(data)]
+        elif member == "FrameLog":
+            return "s", [json.dumps(frame_runs(fake.device(args[0]).model))]
         elif member == "Quit":
             pass
         else:
@@ -164,6 +181,10 @@ class SimControlClient:
 
     async def stats(self, address: str = "") -> Any:
         return json.loads((await self._call("Stats", "s", [address]))[0])
+
+    async def frame_log(self, address: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((await self._call("FrameLog", "s", [address]))[0])
+        return data
 
     async def quit(self) -> None:
         await self._call("Quit")
