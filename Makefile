@@ -10,10 +10,12 @@ demo:
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not chaos" $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 # The crash-and-fault test (not in `make test`: it does not pass yet, see bench/results.md) in full
 # (~20 min): 100 SIGKILLs of the daemon while transcription, the

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -342,7 +343,7 @@ class Daemon:
                 # Decoding, VAD and spool writes on the device's capture thread: a slow fsync
                 # must not stop the loop reading notifications (bridge/audio/capture.py).
                 link = DeviceLink(dev, self.config.link, state.pipeline,
-                                  on_stats=lambda stats, s=state: self._on_stats(s, stats), extra=extra,
+                                  on_stats=functools.partial(self._on_stats, state), extra=extra,
                                   capture_thread=True)
                 state.stats = link.stats
                 await link.run(stop)
@@ -422,7 +423,7 @@ class Daemon:
     def backlog_seconds(self) -> float:
         pipelines = ([d.pipeline for d in self.devices] + self._orphans
                      + [d.offline for d in self.devices if d.offline is not None])
-        return sum(p.backlog_seconds() for p in pipelines)
+        return float(sum(p.backlog_seconds() for p in pipelines))
 
     def outbox_status(self) -> dict[str, Any]:
         now = time.monotonic()

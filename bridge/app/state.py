@@ -133,7 +133,8 @@ def daemon_running(directory: Path) -> int | None:
 
 def read_state(directory: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        data = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
 

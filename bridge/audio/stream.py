@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from bridge.audio.codecs import Decoder, make_decoder
-from bridge.audio.depacketize import Depacketizer, Frame, max_fragment_for_mtu
+from bridge.audio.depacketize import Depacketizer, Event, Frame, max_fragment_for_mtu
 from bridge.audio.timeline import AudioTimeline
 from bridge.core.stats import LinkStats
 
@@ -52,7 +52,7 @@ class AudioStream:
         """Several notifications in arrival order, the last of which had arrived by ``at``."""
         self.last_packet_at = at
         push = self.depacketizer.push
-        events: list = []
+        events: list[Event] = []
         for packet in packets:
             events += push(packet)
         self._handle(events, at)
@@ -67,7 +67,7 @@ class AudioStream:
             self.timeline.audio(tail, at=now)
         self._sync_stats()
 
-    def _handle(self, events: list, now: float) -> None:
+    def _handle(self, events: Sequence[Event], now: float) -> None:
         decoder = self.decoder
         pcms = [decoder.decode(e.payload) if isinstance(e, Frame) else decoder.conceal(e.frames)
                 for e in events]

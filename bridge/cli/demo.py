@@ -17,4 +17,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise BridgeError(f"the demo needs the simulator package omi_bridge_sim ({exc})",
                           "run `make demo` from a source checkout, or `pip install -e sim/`") from None
-    return run_demo(args)
+    return int(run_demo(args))

@@ -24,18 +24,18 @@ def _span(seconds: float) -> str:
 
 
 def _ago(when: Any) -> str:
-    age = age_seconds(when)
-    if age is None:
+    age, parsed = age_seconds(when), parse_time(when)
+    if age is None or parsed is None:
         return "never"
-    local = parse_time(when).astimezone()  # type: ignore[union-attr]
+    local = parsed.astimezone()
     return f"{local:%H:%M:%S} ({_span(age)} ago)"
 
 
 def _until(when: Any) -> str:
-    age = age_seconds(when)
-    if age is None:
+    age, parsed = age_seconds(when), parse_time(when)
+    if age is None or parsed is None:
         return "—"
-    local = parse_time(when).astimezone()  # type: ignore[union-attr]
+    local = parsed.astimezone()
     return f"{local:%H:%M:%S} (now)" if age >= 0 else f"{local:%H:%M:%S} (in {_span(-age)})"
 
 

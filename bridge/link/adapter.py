@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 
+from bleak.args.bluez import BlueZAdapterArgs, BlueZClientArgs, BlueZScannerArgs
+
 DEFAULT_ADAPTER = ""
 """Key for "the adapter BlueZ picks" (``[link] adapter`` empty)."""
 
@@ -32,3 +34,20 @@ def connect_lock(adapter: str | None) -> asyncio.Lock:
     if lock is None:
         lock = per_loop[key] = asyncio.Lock()
     return lock
+
+
+# bleak takes the adapter choice as a typed dict per object kind; an empty one lets BlueZ pick.
+
+def adapter_args(adapter: str | None) -> BlueZAdapterArgs:
+    """``bluez=`` for ``BleakAdapter.get`` on ``adapter`` (empty: BlueZ's default)."""
+    return {"adapter": adapter} if adapter else {}
+
+
+def scanner_args(adapter: str | None) -> BlueZScannerArgs:
+    """``bluez=`` for ``BleakScanner`` on ``adapter`` (empty: BlueZ's default)."""
+    return {"adapter": adapter} if adapter else {}
+
+
+def client_args(adapter: str | None) -> BlueZClientArgs:
+    """``bluez=`` for ``BleakClient`` on ``adapter`` (empty: BlueZ's default)."""
+    return {"adapter": adapter} if adapter else {}

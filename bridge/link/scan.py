@@ -22,6 +22,7 @@ from bleak.exc import BleakBluetoothNotAvailableError, BleakBluetoothNotAvailabl
 from bridge.config import Config
 from bridge.core.errors import BridgeError
 from bridge.core.gatt import FRAME_NAME_PREFIX, FRAME_SERVICE, FRAME_UPDATE_PREFIX, OMI_AUDIO_SERVICE
+from bridge.link.adapter import adapter_args, scanner_args
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ def bluetooth_errors(adapter: str) -> Iterator[None]:
 async def async_scan(config: Config | None = None, *, timeout: float = 10.0) -> list[FoundDevice]:
     """Omi and Frame devices seen within ``timeout`` seconds, strongest first (then connected)."""
     adapter = (config or Config()).link.adapter
-    bluez = {"adapter": adapter} if adapter else {}
     found: dict[str, FoundDevice] = {}
 
     def seen(dev: BLEDevice, adv: AdvertisementData) -> None:
@@ -91,12 +91,12 @@ async def async_scan(config: Config | None = None, *, timeout: float = 10.0) -> 
         found[address] = FoundDevice(address, name or (prev.name if prev else None), kind,
                                      max(adv.rssi, prev.rssi or -127) if prev else adv.rssi)
 
-    bleak_adapter = await BleakAdapter.get(bluez=bluez)  # type: ignore[arg-type]
+    bleak_adapter = await BleakAdapter.get(bluez=adapter_args(adapter))
     for dev in await bleak_adapter.get_connected_devices([OMI_AUDIO_SERVICE, FRAME_SERVICE]):
         uuids = dev.details.get("props", {}).get("UUIDs", []) if isinstance(dev.details, dict) else []
         kind = device_kind(dev.name, uuids) or "omi"
         found[dev.address.upper()] = FoundDevice(dev.address.upper(), dev.name, kind, None)
-    async with BleakScanner(seen, bluez=bluez):  # type: ignore[arg-type]
+    async with BleakScanner(seen, bluez=scanner_args(adapter)):
         await asyncio.sleep(timeout)  # a scan is a period of listening, not a wait for an event
     return sorted(found.values(), key=lambda d: (d.rssi is None, -(d.rssi or 0)))
 
@@ -104,19 +104,18 @@ async def async_scan(config: Config | None = None, *, timeout: float = 10.0) -> 
 async def async_detect_kind(address: str, timeout: float, adapter: str = "hci0") -> str:
     """What kind of device ``address`` is, from BlueZ's connected devices or its advertisement."""
     address = address.upper()
-    bluez = {"adapter": adapter} if adapter else {}
-    bleak_adapter = await BleakAdapter.get(bluez=bluez)  # type: ignore[arg-type]
-    for uuid, kind in ((OMI_AUDIO_SERVICE, "omi"), (FRAME_SERVICE, "frame")):
+    bleak_adapter = await BleakAdapter.get(bluez=adapter_args(adapter))
+    for uuid, connected_kind in ((OMI_AUDIO_SERVICE, "omi"), (FRAME_SERVICE, "frame")):
         for dev in await bleak_adapter.get_connected_devices([uuid]):
             if dev.address.upper() == address:
-                return kind
+                return connected_kind
     result: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
 
     def seen(dev: BLEDevice, adv: AdvertisementData) -> None:
         if dev.address.upper() == address and not result.done():
             result.set_result(device_kind(adv.local_name or dev.name, adv.service_uuids))
 
-    async with BleakScanner(seen, bluez=bluez):  # type: ignore[arg-type]
+    async with BleakScanner(seen, bluez=scanner_args(adapter)):
         try:
             kind = await asyncio.wait_for(result, timeout)
         except TimeoutError:

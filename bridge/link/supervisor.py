@@ -70,10 +70,10 @@ import importlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bleak import BleakAdapter, BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
@@ -91,7 +91,7 @@ from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
 from bridge.core.pcm import PcmSink
 from bridge.core.stats import LinkStats
-from bridge.link.adapter import connect_lock
+from bridge.link.adapter import adapter_args, client_args, connect_lock, scanner_args
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def backoff_seconds(failures: int, options: LinkOptions, kind: FailureKind,
     """Capped exponential back-off with jitter for the ``failures``-th consecutive failure."""
     base = options.reconnect_min_seconds * (2 ** max(0, failures - 1))
     base = min(options.reconnect_max_seconds, max(base, kind.min_backoff))
-    return base * (0.5 + rand() / 2)
+    return float(base * (0.5 + rand() / 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,14 +296,13 @@ class LinkSupervisor:
 
     async def _async_find(self, stop: asyncio.Event) -> BLEDevice:
         address = self.device.address.upper()
-        bluez = {"adapter": self.options.adapter} if self.options.adapter else {}
-        adapter = await BleakAdapter.get(bluez=bluez)  # type: ignore[arg-type]
+        adapter = await BleakAdapter.get(bluez=adapter_args(self.options.adapter))
         for dev in await adapter.get_connected_devices(self.service_uuids):
             if dev.address.upper() == address:
                 _LOGGER.info("%s is still connected in BlueZ; re-attaching", self.label)
                 return dev
         found = await _until_stop(stop, BleakScanner.find_device_by_address(
-            address, timeout=self.options.scan_timeout_seconds, bluez=bluez))  # type: ignore[arg-type]
+            address, timeout=self.options.scan_timeout_seconds, bluez=scanner_args(self.options.adapter)))
         if found is None:
             raise DeviceNotFoundError(
                 f"{self.label} ({address}) was not seen in {self.options.scan_timeout_seconds:g} s",
@@ -319,7 +318,7 @@ class LinkSupervisor:
         self._lost.clear()
         self._expected_disconnect = False
         client = BleakClient(device, self._on_disconnected, timeout=self.options.connect_timeout_seconds,
-                             bluez={"adapter": self.options.adapter} if self.options.adapter else {})
+                             bluez=client_args(self.options.adapter))
         await _until_stop(stop, self._async_connect(client))
         if stop.is_set():
             await self._async_disconnect(client)
@@ -403,7 +402,10 @@ class LinkSupervisor:
         self._lost.set()
 
 
-async def _until_stop(stop: asyncio.Event, coro: Any) -> Any:
+_T = TypeVar("_T")
+
+
+async def _until_stop(stop: asyncio.Event, coro: Awaitable[_T]) -> _T | None:
     """Await ``coro`` unless ``stop`` is set first (then cancel it and return None)."""
     task = asyncio.ensure_future(coro)
     stopper = asyncio.ensure_future(stop.wait())

@@ -141,13 +141,15 @@ def part_session_id(client_session_id: str, n: int) -> str:
 
 def _body(csid: str, conv: Conversation, started_at: datetime, finished_at: datetime,
           segs: list[_Seg], offset: float, location: LocationOptions) -> dict[str, Any]:
-    segments = []
+    segments: list[dict[str, Any]] = []
+    last_end = 0.0
     for s in segs:
         start = round(s.start - offset, TIME_DECIMALS)
         start = max(start, 0.0)
         end = round(s.end - offset, TIME_DECIMALS)
         if end <= start:
             end = round(start + MIN_SEGMENT_SECONDS, TIME_DECIMALS)
+        last_end = end
         segments.append({
             "text": s.text,
             "start": start,
@@ -157,7 +159,6 @@ def _body(csid: str, conv: Conversation, started_at: datetime, finished_at: date
             "speaker": DEFAULT_SPEAKER,
             "speaker_id": 0,
         })
-    last_end = segments[-1]["end"]
     started_at = _to_ms(started_at)
     finished_at = _to_ms(max(finished_at, started_at + timedelta(seconds=last_end)))
     if finished_at <= started_at:

@@ -137,7 +137,7 @@ class Sender:
         # The exponent is capped before the cap on seconds: 2**n overflows a float for a long outage.
         base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** min(max(0, attempts - 1), 30))
         # Jitter in [base/2, base): restarts of several bridges do not retry in lockstep.
-        return base * (0.5 + self.rng() / 2)
+        return float(base * (0.5 + self.rng() / 2))
 
     def apply(self, item: Item, outcome: Outcome, creds: Credentials, now: float) -> None:
         """Record what the answer means for ``item``."""

@@ -6,7 +6,6 @@ interrupted by a crash can be finished after a restart, when the stream timeline
 
 from __future__ import annotations
 
-import collections
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,7 +53,7 @@ class OpenConversation:
     """End of the last speech, in samples from the start."""
     closed: bool = False
     emitted: bool = False
-    languages: collections.Counter[str] = field(default_factory=collections.Counter)
+    languages: dict[str, float] = field(default_factory=dict)
     next_index: int = 1
     default_language: str = "en"
 
@@ -87,7 +86,7 @@ class OpenConversation:
 
     def language(self) -> str:
         if self.languages:
-            return self.languages.most_common(1)[0][0]
+            return max(self.languages, key=self.languages.__getitem__)
         return self.default_language
 
     def to_conversation(self) -> Conversation:
@@ -127,7 +126,7 @@ class OpenConversation:
                    segments=[Segment(t, s, e) for t, s, e in data["segments"]],
                    done=set(data["done"]), last_end=int(data["last_end"]),
                    closed=bool(data["closed"]),
-                   languages=collections.Counter(data.get("languages", {})),
+                   languages=dict(data.get("languages", {})),
                    next_index=int(data.get("next_index", 1)),
                    default_language=data.get("default_language", "en"))
         return conv

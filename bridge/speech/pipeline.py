@@ -605,7 +605,7 @@ class SpeechPipeline:
         ready: list[OpenConversation] = []
         fresh: list[Segment] = []
         with self._lock:
-            before = (len(conv.segments), set(conv.done), collections.Counter(conv.languages))
+            before = (len(conv.segments), set(conv.done), dict(conv.languages))
             for piece, segs in zip(window.pieces, results, strict=True):
                 utt = conv.utterances.get(piece.key)
                 if utt is None or piece.key in conv.done:
@@ -616,7 +616,7 @@ class SpeechPipeline:
                 fresh.extend(new)
                 conv.done.add(piece.key)
             if language:
-                conv.languages[language] += round(window.seconds, 2)
+                conv.languages[language] = conv.languages.get(language, 0.0) + round(window.seconds, 2)
             try:
                 conv.save()  # segments are durable before the audio they came from is deleted
             except OSError:

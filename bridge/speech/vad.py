@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def level_floor(min_level_dbfs: float | None) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def _session():  # type: ignore[no-untyped-def]
+def _session() -> Any:  # an onnxruntime.InferenceSession (onnxruntime ships no types)
     """One ONNX session per process, shared by every stream (the state lives in ``SileroVad``)."""
     import importlib.util
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import operator
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from bridge.audio.frame_pcm import FramePcmDecoder
 from bridge.config import FrameOptions
 from bridge.core.errors import BridgeError
 from bridge.core.gatt import FRAME_SERVICE
+from bridge.link.adapter import client_args, scanner_args
 from bridge.link.supervisor import SessionContext
 
 _LOGGER = logging.getLogger(__name__)
@@ -158,13 +160,13 @@ async def async_bond(address: str, config: Any) -> None:
     from bridge.core.errors import DeviceNotFoundError
 
     link = config.link
-    bluez = {"adapter": link.adapter} if link.adapter else {}
     device = await BleakScanner.find_device_by_address(address, timeout=link.scan_timeout_seconds,
-                                                       bluez=bluez)
+                                                       bluez=scanner_args(link.adapter))
     if device is None:
         raise DeviceNotFoundError(f"Frame {address} was not seen",
                                   "take Frame off the cradle, tap it awake and keep it close")
-    async with BleakClient(device, timeout=link.connect_timeout_seconds, bluez=bluez) as client:
+    async with BleakClient(device, timeout=link.connect_timeout_seconds,
+                          bluez=client_args(link.adapter)) as client:
         try:
             await client.pair()
             await client.start_notify(FRAME_NOTIFY, lambda _c, _d: None)
@@ -338,7 +340,7 @@ class FrameSession:
             self._drain_texts()
             token = f"omib:sync{attempt}"
             try:
-                await self._lua(f'print("{token}")', reply=lambda t, tok=token: t == tok)
+                await self._lua(f'print("{token}")', reply=functools.partial(operator.eq, token))
                 return
             except FrameProtocolError:
                 _LOGGER.info("%s: REPL did not answer, breaking again", self._label)
@@ -370,7 +372,7 @@ class FrameSession:
         for i, piece in enumerate(_escaped_pieces(source, budget)):
             token = f"omib:w{i}"
             await self._lua(f'_omib_f:write({lua_quote(piece)})print("{token}")',
-                            reply=lambda t, tok=token: t == tok)
+                            reply=functools.partial(operator.eq, token))
         await self._lua(f'_omib_f:close() _omib_f=nil package.loaded["{APP_MODULE}"]=nil '
                         'print("omib:c")', reply=lambda t: t == "omib:c")
 

