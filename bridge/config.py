@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import re
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.core.errors import ConfigError
+from bridge.core.kinds import KIND_NAMES, DeviceKind
 
 DEFAULT_CONFIG_PATH = Path("/etc/omi-bridge/config.toml")
 CONFIG_ENV = "OMI_BRIDGE_CONFIG"
@@ -54,8 +56,9 @@ def default_storage_dir() -> str:
 class DeviceConfig:
     """One paired wearable (a ``[[devices]]`` table)."""
 
-    kind: str = _f("omi", "Device kind: \"omi\" (pendant) or \"frame\" (Brilliant Labs glasses).",
-                   choices=("omi", "frame"))
+    kind: DeviceKind = _f(DeviceKind.OMI,
+                          "Device kind: \"omi\" (pendant) or \"frame\" (Brilliant Labs glasses).",
+                          choices=KIND_NAMES)
     address: str = _f("", "Bluetooth address as `bluetoothctl` shows it, e.g. \"AA:BB:CC:DD:EE:FF\".")
     name: str = _f("", "Name used in logs and status (default: the address).")
     offline_sync: bool = _f(
@@ -274,9 +277,10 @@ def resolve_config_path(cli_path: str | None) -> Path:
 def _type_name(tp: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args:
-        return names.get(args[0], str(args[0]))
-    return names.get(tp, str(tp))
+    base = args[0] if args else tp
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return "a string"
+    return names.get(base, str(base))
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[Any, str | None]:
@@ -294,6 +298,11 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[A
             value = float(value)
     elif base is str:
         ok = isinstance(value, str)
+    elif isinstance(base, type) and issubclass(base, enum.Enum):
+        # Spelled as a string in TOML; an unknown spelling is reported by the choices rule below.
+        ok = isinstance(value, str)
+        if ok and value in base._value2member_map_:
+            value = base(value)
     if not ok:
         return value, f"{key} must be {_type_name(tp)}, not {value!r}"
     if "choices" in meta and value not in meta["choices"]:

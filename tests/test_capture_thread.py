@@ -20,7 +20,7 @@ from omi_bridge_sim.omi import OmiModel
 
 from bridge.config import Config, DeviceConfig, LinkOptions, StorageOptions
 from bridge.core.pcm import SAMPLE_RATE
-from bridge.link.supervisor import DeviceLink
+from bridge.devices.link import DeviceLink
 from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 

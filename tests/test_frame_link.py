@@ -17,7 +17,7 @@ from bridge.cli.listen import async_listen
 from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
 from bridge.core.errors import BridgeError
 from bridge.devices.frame.session import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond
-from bridge.link.supervisor import DeviceLink
+from bridge.devices.link import DeviceLink
 
 pytest.importorskip("lupa")
 

@@ -21,7 +21,7 @@ FAST = LinkOptions(reconnect_min_seconds=0.1, reconnect_max_seconds=1.0, scan_ti
 
 
 async def test_two_devices_starting_together_both_connect_without_busy_failures(fake_bluez):
-    from bridge.link.supervisor import DeviceLink
+    from bridge.devices.link import DeviceLink
 
     models = [OmiModel(address="C0:FF:EE:00:00:21", name="Omi A"),
               OmiModel(address="C0:FF:EE:00:00:22", name="Omi B")]

@@ -21,9 +21,9 @@ from bridge.audio.files import decode_file
 from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredBlock
+from bridge.devices.link import DeviceLink
 from bridge.devices.omi import storage as st
 from bridge.devices.omi.sync import PendantSync, Spool, pendant_dir
-from bridge.link.supervisor import DeviceLink
 
 TIMEOUT = 30.0
 FAST = LinkOptions(reconnect_min_seconds=0.1, reconnect_max_seconds=0.5, scan_timeout_seconds=5.0)

@@ -23,8 +23,8 @@ from bridge.cli.listen import WavSink, async_listen
 from bridge.config import Config, DeviceConfig, LinkOptions
 from bridge.core.errors import UnknownCodecError
 from bridge.core.pcm import SAMPLE_RATE
+from bridge.devices.link import DeviceLink
 from bridge.link.scan import async_scan
-from bridge.link.supervisor import DeviceLink
 
 TIMEOUT = 20.0
 """Upper bound for any wait on the fake (connects take ~0.1 s; generous for a loaded CI box)."""
@@ -286,7 +286,7 @@ async def test_watchdog_remakes_a_link_that_went_quiet(fake_bluez):
 _CHILD = """
 import asyncio, sys
 from bridge.config import DeviceConfig, LinkOptions
-from bridge.link.supervisor import DeviceLink
+from bridge.devices.link import DeviceLink
 from bridge.cli.listen import WavSink
 link = DeviceLink(DeviceConfig("omi", sys.argv[1]), LinkOptions(), WavSink())
 asyncio.run(link.run(asyncio.Event()))

@@ -45,6 +45,7 @@ from bridge.app.systemd import Notifier, under_journald
 from bridge.config import Config, DeviceConfig
 from bridge.core.errors import BridgeError
 from bridge.core.health import AsrHealth, DeviceHealth, HealthSnapshot, OutboxHealth
+from bridge.core.kinds import DeviceKind
 from bridge.core.records import Conversation
 from bridge.core.stats import LinkStats
 
@@ -330,11 +331,11 @@ class Daemon:
                 return
 
     async def _device_task(self, state: DeviceState, stop: asyncio.Event) -> None:
-        from bridge.link.supervisor import DeviceLink
+        from bridge.devices.link import DeviceLink
 
         dev = state.device
         delay = DEVICE_RESTART_MIN_SECONDS
-        extra: dict[str, Any] = {"frame": self.config.frame} if dev.kind == "frame" else {}
+        extra: dict[str, Any] = {"frame": self.config.frame} if dev.kind == DeviceKind.FRAME else {}
         extra["on_button"] = lambda code, s=state: self._on_button(s, code)
         if state.offline is not None:
             extra["offline_sync"] = state.offline.sync

@@ -29,6 +29,7 @@ from typing import Any
 from bridge.app import preflight
 from bridge.config import Config, DeviceConfig
 from bridge.core.errors import BridgeError
+from bridge.core.kinds import DeviceKind
 
 MIN_BLUEZ = (5, 55)
 """bleak refuses to connect below BlueZ 5.55, judged by ``bluetoothctl --version``
@@ -243,7 +244,7 @@ def _device_finding(dev: DeviceConfig, adapter: str, objects: dict[str, Any]) ->
     bonded = bool(props and (props.get("Bonded") or props.get("Paired"))
                   and (props.get("Bonded") or props.get("Paired")).value)
     pair_cmd = f"sudo omi-bridge pair {dev.address} --kind {dev.kind}"
-    if dev.kind == "frame":
+    if dev.kind == DeviceKind.FRAME:
         # Frame's characteristics need an encrypted link (frame.md): without a bond nothing streams.
         if props is None:
             return Finding(name, Status.FAIL, f"Frame {dev.address} is not known to BlueZ (no bond)",

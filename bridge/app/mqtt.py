@@ -45,6 +45,7 @@ from bridge.config import MqttOptions
 from bridge.core.errors import BridgeError
 from bridge.core.gatt import BUTTON_EVENTS
 from bridge.core.health import DeviceHealth, HealthSnapshot
+from bridge.core.kinds import DeviceKind
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ RECONNECT_MAX_SECONDS = 60.0
 EVENT_QUEUE_SIZE = 100
 """Events waiting for a broker that is down; the oldest are dropped beyond this."""
 
-MANUFACTURERS = {"omi": ("Based Hardware", "Omi"), "frame": ("Brilliant Labs", "Frame")}
+MANUFACTURERS: dict[str, tuple[str, str]] = {
+    DeviceKind.OMI: ("Based Hardware", "Omi"), DeviceKind.FRAME: ("Brilliant Labs", "Frame")}
 BUTTON_EVENT_TYPES = {code: name.replace(" ", "_") for code, name in BUTTON_EVENTS.items()}
 """Omi button codes (docs/reference/omi-device.md §8) as Home Assistant event types."""
 
@@ -167,7 +169,7 @@ def device_entities(device: DeviceHealth, *, events: bool) -> list[Entity]:
     out = [CONNECTED, BATTERY, LAST_AUDIO]
     if device.stored_audio_bytes is not None:
         out.append(STORED_AUDIO)
-    if events and device.kind == "omi":
+    if events and device.kind == DeviceKind.OMI:
         out.append(BUTTON)
     return out
 

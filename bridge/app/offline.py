@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, DeviceConfig
+from bridge.core.kinds import DeviceKind
 from bridge.core.records import Conversation
 from bridge.devices.omi.sync import PendantSync, pendant_dir
 from bridge.speech.offline import OfflineFeeder
@@ -53,6 +54,6 @@ class OfflineParts:
 def offline_for(config: Config, device: DeviceConfig, worker: Any,
                 on_conversation: Callable[[Conversation], None], storage: Path) -> OfflineParts | None:
     """The device's offline sync, or None (not an Omi pendant, or ``offline_sync = false``)."""
-    if device.kind != "omi" or not device.offline_sync:
+    if device.kind != DeviceKind.OMI or not device.offline_sync:
         return None
     return OfflineParts(config, device, worker, on_conversation, storage)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bridge.core.errors import BridgeError
+from bridge.core.kinds import EXTERNAL_SOURCE, KIND_NAMES, DeviceKind
+from bridge.core.records import SOURCES
 
 EXIT_USAGE = 2
 
@@ -40,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, metavar="N",
                    help="wall-clock seconds to record after the first audio (default 10)")
     p.add_argument("--wav", metavar="PATH", help="write the audio timeline here")
-    p.add_argument("--kind", choices=("omi", "frame"),
+    p.add_argument("--kind", choices=KIND_NAMES,
                    help="device kind (default: from the config, else detected)")
     _common(p)
 
     p = sub.add_parser("pair", help="add a device to the config file")
     p.add_argument("address", nargs="?", metavar="ADDRESS", help="device address (default: scan)")
-    p.add_argument("--kind", choices=("omi", "frame"), help="device kind (default: detected)")
+    p.add_argument("--kind", choices=KIND_NAMES, help="device kind (default: detected)")
     p.add_argument("--name", help="name for logs and status")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to scan")
     _common(p, json=False)
@@ -56,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send", action="store_true", help="deliver the conversations to Omi")
     p.add_argument("--started-at", metavar="ISO8601",
                    help="wall-clock start of the (first) file (default: its mtime minus duration)")
-    p.add_argument("--source", default="external_integration",
-                   choices=("external_integration", "omi", "frame"),
+    p.add_argument("--source", default=EXTERNAL_SOURCE,
+                   choices=SOURCES,
                    help="conversation source (default external_integration)")
     _common(p)
 
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("demo", help="the whole bridge with a simulated device and a local API")
-    p.add_argument("--kind", choices=("omi", "frame"), default="omi",
+    p.add_argument("--kind", choices=KIND_NAMES, default=DeviceKind.OMI.value,
                    help="simulated device kind (default omi)")
     _common(p)
     return parser

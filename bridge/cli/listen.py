@@ -22,10 +22,11 @@ import numpy as np
 from bridge.audio.codecs import CODEC_NAMES
 from bridge.config import ADDRESS_RE, Config, DeviceConfig, load_config
 from bridge.core.errors import BridgeError
+from bridge.core.kinds import DeviceKind
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stats import LinkStats
+from bridge.devices.link import DeviceLink
 from bridge.link.scan import async_detect_kind, bluetooth_errors
-from bridge.link.supervisor import DeviceLink
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ async def _async_record(sink: WavFileSink, device: DeviceConfig, config: Config,
 def audio_format(device: DeviceConfig, config: Config, codec: int | None) -> str:
     """What the device streams, for people: Omi's codec byte, or Frame's configured PCM (Frame
     has no codec byte: its format is what we asked for, frame.md)."""
-    if device.kind == "frame":
+    if device.kind == DeviceKind.FRAME:
         return f"pcm {config.frame.bit_depth}-bit {config.frame.sample_rate / 1000:g} kHz (Frame)"
     if codec is None:
         return "?"
@@ -158,7 +159,7 @@ def _no_audio_error(device: DeviceConfig, stats: LinkStats, *, connected: bool) 
             + (f" ({stats.last_error})" if stats.last_error else ""),
             "is it on, in range and not connected to a phone (Omi takes one connection)? "
             "`omi-bridge scan` lists what is nearby")
-    if device.kind == "frame":
+    if device.kind == DeviceKind.FRAME:
         return BridgeError(
             f"{device.address} connected but sent no audio in {FIRST_AUDIO_TIMEOUT:g} s",
             "check the glasses are awake and not running another app; run with -v to see "
@@ -172,7 +173,7 @@ def _no_audio_error(device: DeviceConfig, stats: LinkStats, *, connected: bool) 
 def _print_text(r: dict[str, Any]) -> None:
     print(f"{r['address']} ({r['kind']}): {r['seconds']:.2f} s of audio"
           + (f" written to {r['wav']}" if r["wav"] else ""))
-    label = "format" if r["kind"] == "frame" else "codec"
+    label = "format" if r["kind"] == DeviceKind.FRAME else "codec"
     print(f"  {label} {r['format']}, firmware {r['firmware'] or '?'}, battery "
           + (f"{r['battery']} %" if r["battery"] is not None else "?"))
     print(f"  packets {r['packets']}, frames {r['frames']}, lost {r['lost_frames']} (concealed), "
@@ -195,7 +196,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         nonlocal kind
         if kind is None:
             kind = await async_detect_kind(address, config.link.scan_timeout_seconds, config.link.adapter)
-        device = DeviceConfig(kind=kind, address=address, name=paired.name if paired else "")
+        device = DeviceConfig(kind=DeviceKind.parse(kind, "--kind"), address=address,
+                              name=paired.name if paired else "")
         return await async_listen(device, config, args.seconds, wav)
 
     with bluetooth_errors(config.link.adapter):

@@ -21,12 +21,12 @@ from tomlkit.items import AoT, Table
 
 from bridge.config import ADDRESS_RE, example_toml, parse_config, resolve_config_path
 from bridge.core.errors import BridgeError
+from bridge.core.kinds import DeviceKind
 
 _LOGGER = logging.getLogger(__name__)
 
 NEW_FILE_MODE = 0o640
 """A config pair creates may hold the API key: owner read-write, group read, others nothing."""
-KINDS = ("omi", "frame")
 
 
 def _device_table(kind: str, address: str, name: str) -> Table:
@@ -45,8 +45,7 @@ def add_device(path: Path, kind: str, address: str, name: str = "") -> bool:
 
     Raises BridgeError when the address is malformed or already configured, or the file is not TOML.
     """
-    if kind not in KINDS:
-        raise BridgeError(f"unknown device kind {kind!r}", "use --kind omi or --kind frame")
+    DeviceKind.parse(kind, "--kind")
     if not ADDRESS_RE.match(address):
         raise BridgeError(f"{address!r} is not a Bluetooth address",
                           "give it as AA:BB:CC:DD:EE:FF (see `omi-bridge scan`)")
@@ -154,7 +153,7 @@ async def _async_find(args: argparse.Namespace, config: Any) -> tuple[str, str, 
 
 async def _async_bond(kind: str, address: str, config: Any) -> None:
     """Frame needs a bonded link; Omi does not (omi-device.md, frame.md)."""
-    if kind != "frame":
+    if kind != DeviceKind.FRAME:
         return
     from bridge.devices.frame import session as frame_mod
 

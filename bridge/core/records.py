@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-SOURCES = ("omi", "frame", "external_integration")
+from bridge.core.kinds import EXTERNAL_SOURCE, DeviceKind
+
+SOURCES: tuple[str, ...] = (*(kind.source for kind in DeviceKind), EXTERNAL_SOURCE)
 """``source`` values we send (omi-api.md §8; never "desktop")."""
 
 

@@ -22,6 +22,7 @@ from bleak.exc import BleakBluetoothNotAvailableError, BleakBluetoothNotAvailabl
 from bridge.config import Config
 from bridge.core.errors import BridgeError
 from bridge.core.gatt import FRAME_NAME_PREFIX, FRAME_SERVICE, FRAME_UPDATE_PREFIX, OMI_AUDIO_SERVICE
+from bridge.core.kinds import DeviceKind
 from bridge.link.adapter import adapter_args, scanner_args
 
 _LOGGER = logging.getLogger(__name__)
@@ -35,15 +36,15 @@ class FoundDevice:
     rssi: int | None
 
 
-def device_kind(name: str | None, service_uuids: list[str] | tuple[str, ...]) -> str | None:
-    """"omi", "frame" or None from what a device advertises."""
+def device_kind(name: str | None, service_uuids: list[str] | tuple[str, ...]) -> DeviceKind | None:
+    """The kind a device advertises itself as, or None."""
     uuids = {u.lower() for u in service_uuids}
     if OMI_AUDIO_SERVICE in uuids:
-        return "omi"
+        return DeviceKind.OMI
     if FRAME_SERVICE in uuids:
-        return "frame"
+        return DeviceKind.FRAME
     if name and name.startswith(FRAME_NAME_PREFIX) and not name.startswith(FRAME_UPDATE_PREFIX):
-        return "frame"
+        return DeviceKind.FRAME
     return None
 
 
@@ -94,22 +95,22 @@ async def async_scan(config: Config | None = None, *, timeout: float = 10.0) -> 
     bleak_adapter = await BleakAdapter.get(bluez=adapter_args(adapter))
     for dev in await bleak_adapter.get_connected_devices([OMI_AUDIO_SERVICE, FRAME_SERVICE]):
         uuids = dev.details.get("props", {}).get("UUIDs", []) if isinstance(dev.details, dict) else []
-        kind = device_kind(dev.name, uuids) or "omi"
+        kind = device_kind(dev.name, uuids) or DeviceKind.OMI
         found[dev.address.upper()] = FoundDevice(dev.address.upper(), dev.name, kind, None)
     async with BleakScanner(seen, bluez=scanner_args(adapter)):
         await asyncio.sleep(timeout)  # a scan is a period of listening, not a wait for an event
     return sorted(found.values(), key=lambda d: (d.rssi is None, -(d.rssi or 0)))
 
 
-async def async_detect_kind(address: str, timeout: float, adapter: str = "hci0") -> str:
+async def async_detect_kind(address: str, timeout: float, adapter: str = "hci0") -> DeviceKind:
     """What kind of device ``address`` is, from BlueZ's connected devices or its advertisement."""
     address = address.upper()
     bleak_adapter = await BleakAdapter.get(bluez=adapter_args(adapter))
-    for uuid, connected_kind in ((OMI_AUDIO_SERVICE, "omi"), (FRAME_SERVICE, "frame")):
+    for uuid, connected_kind in ((OMI_AUDIO_SERVICE, DeviceKind.OMI), (FRAME_SERVICE, DeviceKind.FRAME)):
         for dev in await bleak_adapter.get_connected_devices([uuid]):
             if dev.address.upper() == address:
                 return connected_kind
-    result: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+    result: asyncio.Future[DeviceKind | None] = asyncio.get_running_loop().create_future()
 
     def seen(dev: BLEDevice, adv: AdvertisementData) -> None:
         if dev.address.upper() == address and not result.done():

@@ -8,7 +8,7 @@ Frame driver). A session is anything with this shape::
     class MySession:
         SERVICE_UUIDS: tuple[str, ...]      # class attribute: how to find the device among
                                             # those BlueZ already holds connected (re-attach)
-        FILL_QUIET: bool                    # optional class attribute: the device may stop
+        FILL_QUIET: bool                    # class attribute: the device may stop
                                             # sending while connected (AAD); the link then fills
                                             # wall-clock silence (AudioTimeline.quiet)
         def __init__(self, ctx: SessionContext) -> None: ...
@@ -32,13 +32,8 @@ A fresh session is made for every connection, so per-connection state (decoder, 
 never leaks across a reconnect. ``SessionContext`` carries what outlives connections: the
 device's config, the ``AudioTimeline`` and the ``LinkStats``.
 
-``DeviceLink`` is the entry point the daemon uses: one per paired device, ``await
-link.run(stop)`` until ``stop`` is set (``link.stats``, ``link.timeline.started_at`` and
-``link.supervisor.connected_event`` / ``disconnected_event`` are there to watch). It picks
-the session class by ``DeviceConfig.kind`` from ``SESSION_KINDS`` and, about once a second,
-lets the timeline catch up with wall clock while the link is down or the device is connected
-but quiet (``AudioTimeline.quiet``) and reports ``LinkStats``
-through ``on_stats``.
+``bridge.devices.link.DeviceLink`` puts a supervisor, the driver for the device's kind and its
+audio timeline together: it is what the daemon runs per paired device.
 
 Policy (after Home Assistant's bleak-retry-connector):
 
@@ -65,8 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib
 import logging
 import random
 import time
@@ -89,7 +82,6 @@ from bridge.audio.capture import Capture
 from bridge.audio.timeline import AudioTimeline
 from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
-from bridge.core.pcm import PcmSink
 from bridge.core.stats import LinkStats
 from bridge.link.adapter import adapter_args, client_args, connect_lock, scanner_args
 
@@ -101,13 +93,6 @@ for downstream conversation timers, rare enough to cost nothing."""
 
 DISCONNECT_TIMEOUT = 5.0
 """Our own disconnect gives up after this long (bleak itself waits up to 10 s for BlueZ)."""
-
-SESSION_KINDS: dict[str, str] = {
-    "omi": "bridge.devices.omi.session:OmiSession",
-    "frame": "bridge.devices.frame.session:FrameSession",
-}
-"""``DeviceConfig.kind`` → "module:class" of its session (imported on first use)."""
-
 
 @dataclass
 class SessionContext:
@@ -131,6 +116,7 @@ class SessionContext:
 
 class Session(Protocol):
     SERVICE_UUIDS: tuple[str, ...]
+    FILL_QUIET: bool
     last_activity: float | None
 
     async def async_start(self, client: BleakClient) -> None: ...
@@ -419,97 +405,3 @@ async def _until_stop(stop: asyncio.Event, coro: Awaitable[_T]) -> _T | None:
             await task
         return None
     return task.result()
-
-
-def session_class(kind: str) -> Any:
-    """The session class for a device kind (``SESSION_KINDS``)."""
-    try:
-        module_name, cls_name = SESSION_KINDS[kind].split(":")
-    except KeyError:
-        raise BridgeError(f"unknown device kind {kind!r}",
-                          f"kind must be one of {', '.join(SESSION_KINDS)}") from None
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise BridgeError(f"{kind} devices are not supported by this build of omi-bridge",
-                          f"{module_name} is missing; update omi-bridge") from None
-    return getattr(module, cls_name)
-
-
-class DeviceLink:
-    """One paired device's link, audio timeline and stats: what the daemon runs per device.
-
-    ``sink`` receives the device's 16 kHz timeline; ``on_stats`` gets the live ``LinkStats``
-    about once a second and on every connect/disconnect. ``extra`` goes to the session
-    (``SessionContext.extra``): ``{"frame": FrameOptions}`` for Frame, ``{"on_button":
-    callable(int)}`` for Omi button events. With ``raise_errors`` a ``BridgeError`` from the
-    session (e.g. an unknown codec) ends ``run()`` instead of being retried (``listen`` uses it).
-    """
-
-    def __init__(self, device: DeviceConfig, options: LinkOptions, sink: PcmSink,
-                 on_stats: Callable[[LinkStats], None] | None = None, *,
-                 extra: dict[str, Any] | None = None, raise_errors: bool = False,
-                 capture_thread: bool = False) -> None:
-        self.device = device
-        self.options = options
-        self.stats = LinkStats()
-        self.timeline = AudioTimeline(sink)
-        self.on_stats = on_stats
-        self.capture = Capture(device.label, threaded=capture_thread, stats=self.stats)
-        """``capture_thread``: decoding and the sink run on a thread of this device's (the
-        daemon: its sink does VAD and disk writes); otherwise inline on the loop."""
-        self.context = SessionContext(device, self.timeline, self.stats, options, dict(extra or {}),
-                                      capture=self.capture)
-        cls = session_class(device.kind)
-        self._fill_quiet = bool(getattr(cls, "FILL_QUIET", False))
-        """Sessions whose device may go quiet while connected set ``FILL_QUIET`` (Omi); Frame
-        reports its mic pauses itself and opens the gap on that signal."""
-        self.supervisor = LinkSupervisor(
-            device, options, lambda: cls(self.context), self.stats,
-            service_uuids=cls.SERVICE_UUIDS, raise_errors=raise_errors,
-            on_link_down=self._link_down)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep the link until ``stop`` is set; then disconnect and return."""
-        self.capture.start()
-        ticker = asyncio.create_task(self._tick(stop))
-        try:
-            await self.supervisor.run(stop)
-        finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            if self.capture.threaded:
-                await asyncio.to_thread(self.capture.stop)  # what was captured reaches the sink
-            self._report()
-
-    def _link_down(self) -> None:
-        self.capture.submit(self.timeline.link_down)  # after the session's last audio
-
-    async def _tick(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
-            # The wall clock the fills aim at is read here, on the loop, in order with the audio.
-            if not self.stats.connected:
-                self.capture.submit(functools.partial(self.timeline.catch_up, time.monotonic()))
-            elif self._fill_quiet:
-                # A pendant may pause notifications on silence yet stay connected (AAD,
-                # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile. Packets
-                # still buffered (a stalled loop) are handed on first, so they are not taken
-                # for a pause.
-                flush = getattr(self.supervisor.session, "flush", None)
-                if flush is not None:
-                    flush()
-                self.capture.submit(functools.partial(self.timeline.quiet, time.monotonic()))
-            self.stats.samples_written = self.timeline.samples_written
-            self._report()
-
-    def _report(self) -> None:
-        if self.on_stats is not None:
-            try:
-                self.on_stats(self.stats)
-            except Exception:
-                _LOGGER.exception("%s on_stats callback failed", self.device.label)

@@ -188,6 +188,7 @@ class FrameSession:
     """
 
     SERVICE_UUIDS = (FRAME_SERVICE,)
+    FILL_QUIET = False  # the glasses report their mic pauses, and the gap opens on that signal
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
