@@ -65,9 +65,9 @@ class FlakyBackend:
 
 def install() -> None:
     """Make the worker build its backend through ``FlakyBackend``."""
-    from bridge.speech.asr import backend, worker
+    from bridge.speech.asr import choose, worker
 
-    real = backend.make_backend
+    real = choose.make_backend
     rate = float(os.environ.get(FAIL_RATE_ENV, "0") or 0)
     log_path = os.environ.get(FAULT_LOG_ENV) or None
 

@@ -26,7 +26,8 @@ from bridge.config import AsrOptions
 from bridge.core.errors import BridgeError
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
-from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment, make_backend
+from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment
+from bridge.speech.asr.choose import make_backend
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
 from bridge.speech.asr.segments import GAP_SECONDS
 
