@@ -1,6 +1,6 @@
 """Settings: frozen dataclasses built from one TOML file.
 
-Each field documents itself once (``metadata["doc"]``); the same text feeds
+Each field documents itself once (``metadata["doc"]``, bridge/core/fields.py); the same text feeds
 ``config.example.toml`` (``python -m bridge.config``), ``check-config`` and the error messages.
 
 The file is found by ``--config PATH``, else ``$OMI_BRIDGE_CONFIG``, else
@@ -10,19 +10,18 @@ The file is found by ``--config PATH``, else ``$OMI_BRIDGE_CONFIG``, else
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import enum
 import os
 import re
 import sys
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bridge.core.errors import ConfigError
+from bridge.core.fields import build, toml_value, unknown_key
+from bridge.core.fields import setting as _f  # short: every field below is declared with it
 from bridge.core.kinds import KIND_NAMES, DeviceKind
 
 DEFAULT_CONFIG_PATH = Path("/etc/omi-bridge/config.toml")
@@ -33,13 +32,6 @@ API_KEY_ENV = "OMI_API_KEY"
 ADDRESS_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 # A Wyoming server address: tcp://host:port (a name, IPv4 or [IPv6]) or unix:///path.
 WYOMING_URI_RE = re.compile(r"^(tcp://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}|unix:///.+)$")
-
-
-def _f(default: Any, doc: str, **rules: Any) -> Any:
-    """A documented field. ``rules``: ``min``, ``max`` (inclusive), ``choices``, ``gt`` (exclusive)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **rules})
-    return field(default=default, metadata={"doc": doc, **rules})
 
 
 def default_storage_dir() -> str:
@@ -274,75 +266,6 @@ def resolve_config_path(cli_path: str | None) -> Path:
     return DEFAULT_CONFIG_PATH
 
 
-def _type_name(tp: Any) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    if isinstance(base, type) and issubclass(base, enum.Enum):
-        return "a string"
-    return names.get(base, str(base))
-
-
-def _check_value(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> tuple[Any, str | None]:
-    """Coerce ``value`` to ``tp`` or return an error text for ``key``."""
-    optional = isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
-    ok = False
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
-    elif base is str:
-        ok = isinstance(value, str)
-    elif isinstance(base, type) and issubclass(base, enum.Enum):
-        # Spelled as a string in TOML; an unknown spelling is reported by the choices rule below.
-        ok = isinstance(value, str)
-        if ok and value in base._value2member_map_:
-            value = base(value)
-    if not ok:
-        return value, f"{key} must be {_type_name(tp)}, not {value!r}"
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(repr(c) for c in meta["choices"])
-        return value, f"{key} must be one of {allowed}, not {value!r}"
-    if "min" in meta and value < meta["min"]:
-        return value, f"{key} must be at least {meta['min']}, not {value!r}"
-    if "max" in meta and value > meta["max"]:
-        return value, f"{key} must be at most {meta['max']}, not {value!r}"
-    if "gt" in meta and value <= meta["gt"]:
-        return value, f"{key} must be greater than {meta['gt']}, not {value!r}"
-    return value, None
-
-
-def _unknown_key(key: str, where: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
-    return f"unknown key {key!r} in {where}{hint}"
-
-
-def _build(cls: type, table: Any, where: str, problems: list[str]) -> Any:
-    if not isinstance(table, dict):
-        problems.append(f"{where} must be a table")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in fields:
-            problems.append(_unknown_key(key, where, list(fields)))
-            continue
-        label = f"{where}.{key}" if not where.startswith("[[") else f"{key} in {where}"
-        value, err = _check_value(label, value, hints[key], dict(fields[key].metadata))
-        if err:
-            problems.append(err)
-        else:
-            values[key] = value
-    return cls(**values)
-
-
 def parse_config(data: dict[str, Any], path: str = "") -> tuple[Config, list[str]]:
     """Build a Config from parsed TOML; returns it with a list of problems (empty if valid)."""
     problems: list[str] = []
@@ -359,7 +282,7 @@ def parse_config(data: dict[str, Any], path: str = "") -> tuple[Config, list[str
                 continue
             devices = []
             for i, table in enumerate(value, 1):
-                dev = _build(DeviceConfig, table, f"[[devices]] #{i}", problems)
+                dev = build(DeviceConfig, table, f"[[devices]] #{i}", problems)
                 if isinstance(table, dict) and "address" not in table:
                     problems.append(f"[[devices]] #{i} needs an address, e.g. "
                                     "address = \"AA:BB:CC:DD:EE:FF\" (see `omi-bridge scan`)")
@@ -374,9 +297,9 @@ def parse_config(data: dict[str, Any], path: str = "") -> tuple[Config, list[str
                 seen.add(dev.address)
             kwargs["devices"] = devices
         elif key in sections:
-            kwargs[key] = _build(hints[key], value, f"[{key}]", problems)
+            kwargs[key] = build(hints[key], value, f"[{key}]", problems)
         else:
-            problems.append(_unknown_key(key, "the top level", ["devices", *sections]))
+            problems.append(unknown_key(key, "the top level", ["devices", *sections]))
     config = Config(**kwargs, path=path)
     problems.extend(_cross_checks(config))
     return config, problems
@@ -434,14 +357,6 @@ def load_config(cli_path: str | None = None, *, required: bool = False) -> Confi
 # The example file
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
 def example_toml() -> str:
     """``config.example.toml``: every key with its default and its documentation."""
     out = [
@@ -455,7 +370,7 @@ def example_toml() -> str:
     for f in dataclasses.fields(DeviceConfig):
         out.append(f"# {f.metadata['doc']}")
         example = {"address": "AA:BB:CC:DD:EE:FF", "name": "pendant"}.get(f.name, f.default)
-        out.append(f"# {f.name} = {_toml_value(example)}")
+        out.append(f"# {f.name} = {toml_value(example)}")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         if f.name == "devices" or f.metadata.get("internal"):
@@ -467,7 +382,7 @@ def example_toml() -> str:
             if sub.default is None:
                 out.append(f"# {sub.name} =")
             else:
-                out.append(f"# {sub.name} = {_toml_value(sub.default)}")
+                out.append(f"# {sub.name} = {toml_value(sub.default)}")
     return "\n".join(out) + "\n"
 
 
