@@ -349,7 +349,7 @@ async def test_scan_with_the_adapter_off_says_how_to_turn_it_on(fake_bluez):
 
 
 def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
-    from bridge.link.supervisor import TRANSIENT, backoff_seconds
+    from bridge.link.failures import TRANSIENT, backoff_seconds
 
     opts = LinkOptions(reconnect_min_seconds=0.25, reconnect_max_seconds=30.0)
     top = [backoff_seconds(n, opts, TRANSIENT, rand=lambda: 1.0) for n in range(1, 10)]
@@ -365,7 +365,7 @@ def test_bluez_errors_map_to_the_advice_a_user_needs():
         BleakError,
     )
 
-    from bridge.link.supervisor import (
+    from bridge.link.failures import (
         ADAPTER_OFF,
         AUTH,
         BUSY,

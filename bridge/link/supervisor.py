@@ -71,10 +71,6 @@ from typing import Any, Protocol, TypeVar
 from bleak import BleakAdapter, BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.exc import (
-    BleakBluetoothNotAvailableError,
-    BleakCharacteristicNotFoundError,
-    BleakDBusError,
-    BleakDeviceNotFoundError,
     BleakError,
 )
 
@@ -84,6 +80,14 @@ from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
 from bridge.core.stats import LinkStats
 from bridge.link.adapter import adapter_args, client_args, connect_lock, scanner_args
+from bridge.link.failures import (
+    DEVICE_MISSING,
+    TRANSIENT,
+    WRONG_DEVICE,
+    FailureKind,
+    backoff_seconds,
+    classify,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -122,80 +126,6 @@ class Session(Protocol):
     async def async_start(self, client: BleakClient) -> None: ...
 
     def connection_lost(self) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Failure kinds → policy
-
-
-@dataclass(frozen=True)
-class FailureKind:
-    name: str
-    min_backoff: float
-    """Seconds to wait at least before the next attempt."""
-    advice: str
-
-
-ADAPTER_OFF = FailureKind(
-    "adapter", 5.0, "the Bluetooth adapter is off or missing: `bluetoothctl power on`; check "
-    "`bluetoothctl list` and that bluetoothd runs ([link] adapter names it)")
-DEVICE_MISSING = FailureKind(
-    "device missing", 0.0, "not seen: out of range, switched off, flat, or connected to a "
-    "phone (it takes one connection; close the Omi app)")
-BUSY = FailureKind(
-    "busy", 1.0, "BlueZ is busy with another operation on this adapter (scan or connect in "
-    "progress); retrying")
-AUTH = FailureKind(
-    "auth", 10.0, "the device refused us (pairing/bond problem): remove it with "
-    "`bluetoothctl remove ADDRESS` and on the phone, then `omi-bridge pair ADDRESS`")
-TRANSIENT = FailureKind("transient", 0.0, "radio or timing failure; retrying")
-WRONG_DEVICE = FailureKind(
-    "wrong device", 60.0, "it lacks a characteristic its kind must have: check `kind` in its "
-    "[[devices]] table (or --kind) and that its firmware is supported")
-DEVICE_PROBLEM = FailureKind("device problem", 60.0, "")
-"""A BridgeError from the session (e.g. unknown codec): retrying soon will not fix it."""
-
-_BUSY_ERRORS = {"org.bluez.Error.InProgress", "org.bluez.Error.NotReady",
-                "org.bluez.Error.AlreadyConnected", "org.bluez.Error.Busy"}
-_AUTH_ERRORS = {"org.bluez.Error.AuthenticationFailed", "org.bluez.Error.AuthenticationRejected",
-                "org.bluez.Error.NotAuthorized", "org.bluez.Error.NotPermitted",
-                "org.bluez.Error.AuthenticationCanceled"}
-_MISSING_ERRORS = {"org.bluez.Error.DoesNotExist", "org.freedesktop.DBus.Error.UnknownObject"}
-
-
-def classify(exc: BaseException) -> FailureKind:
-    """Sort an exception from finding/connecting/setting up into a failure kind."""
-    if isinstance(exc, BridgeError):
-        return DEVICE_MISSING if isinstance(exc, DeviceNotFoundError) else DEVICE_PROBLEM
-    if isinstance(exc, BleakBluetoothNotAvailableError):
-        return ADAPTER_OFF
-    if isinstance(exc, BleakCharacteristicNotFoundError):
-        return WRONG_DEVICE
-    if isinstance(exc, BleakDeviceNotFoundError):
-        return DEVICE_MISSING
-    if isinstance(exc, BleakDBusError):
-        if exc.dbus_error in _BUSY_ERRORS:
-            return BUSY
-        if exc.dbus_error in _AUTH_ERRORS or "authentication" in str(exc).lower():
-            return AUTH
-        if exc.dbus_error in _MISSING_ERRORS:
-            return DEVICE_MISSING
-        if exc.dbus_error == "org.freedesktop.DBus.Error.ServiceUnknown":
-            return ADAPTER_OFF  # bluetoothd is not running
-        return TRANSIENT
-    if isinstance(exc, BleakError) and "not found" in str(exc).lower():
-        return DEVICE_MISSING  # stale BLEDevice: plain BleakError (bluez-for-tests.md §9.2)
-    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
-        return ADAPTER_OFF  # no system D-Bus socket
-    return TRANSIENT
-
-
-def backoff_seconds(failures: int, options: LinkOptions, kind: FailureKind,
-                    rand: Callable[[], float] = random.random) -> float:
-    """Capped exponential back-off with jitter for the ``failures``-th consecutive failure."""
-    base = options.reconnect_min_seconds * (2 ** max(0, failures - 1))
-    base = min(options.reconnect_max_seconds, max(base, kind.min_backoff))
-    return float(base * (0.5 + rand() / 2))
 
 
 # --------------------------------------------------------------------------------------------
