@@ -15,13 +15,13 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bridge.config import Config
 from bridge.core.errors import BridgeError
+from bridge.core.files import write_atomic
 
 STATE_FILE = "state.json"
 LOCK_FILE = "daemon.lock"
@@ -85,15 +85,8 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Atomically replace the published state."""
     directory.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"version": STATE_VERSION, "updated_at": _now_iso(), **state}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-        os.chmod(tmp, PUBLIC_MODE)
-        os.replace(tmp, directory / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Rewritten every few seconds and only about the present: no fsync (an SD card's worth).
+    write_atomic(directory / STATE_FILE, data.encode("utf-8"), mode=PUBLIC_MODE, durable=False)
 
 
 def remove_state(directory: Path) -> None:

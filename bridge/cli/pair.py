@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tomlkit.items import AoT, Table
 
 from bridge.config import ADDRESS_RE, example_toml, parse_config, resolve_config_path
 from bridge.core.errors import BridgeError
+from bridge.core.files import write_atomic
 from bridge.core.kinds import DeviceKind
 
 _LOGGER = logging.getLogger(__name__)
@@ -95,24 +95,13 @@ def add_device(path: Path, kind: str, address: str, name: str = "") -> bool:
 
 def _write_atomically(path: Path, text: str, created: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    st = None if created else path.stat()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if st is None:
-            os.chmod(tmp, NEW_FILE_MODE)
-        else:
-            # Keep the owner/group/mode the installer gave it (omi-bridge, 0600).
-            os.chmod(tmp, st.st_mode & 0o7777)
-            if os.geteuid() == 0:
-                os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if created:
+        write_atomic(path, text.encode("utf-8"), mode=NEW_FILE_MODE)
+        return
+    # Keep the owner/group/mode the installer gave it (omi-bridge, 0600).
+    st = path.stat()
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_atomic(path, text.encode("utf-8"), mode=st.st_mode & 0o7777, owner=owner)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from bridge.core.files import fsync_dir, write_atomic
 from bridge.core.pcm import SAMPLE_RATE
 
 SPOOL_DIR = "spool"
@@ -40,24 +41,9 @@ def device_dir(storage: Path, device: str) -> Path:
     return storage / SPOOL_DIR / safe
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -113,7 +99,7 @@ class PcmWriter:
         os.fsync(self._f.fileno())
         self.synced_samples = self.samples
         if not self._dir_synced:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             self._dir_synced = True
 
     def finish(self, samples: int) -> None:

@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import struct
 import threading
@@ -58,6 +57,7 @@ import numpy as np
 from bleak import BleakClient
 
 from bridge.audio.codecs import OPUS_FRAME_SAMPLES, Decoder, make_decoder
+from bridge.core.files import write_atomic
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredAudioSink, StoredBlock, SyncStatus
 from bridge.devices.omi import storage as st
@@ -106,25 +106,6 @@ def _safe(name: str) -> str:
 
 def pendant_dir(storage: Path, address: str) -> Path:
     return storage / OFFLINE_DIR / _safe(address)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -183,7 +164,7 @@ class Spool:
         return state
 
     def save_state(self) -> None:
-        _write_durable(self.state_path, json.dumps(self.state).encode())
+        write_atomic(self.state_path, json.dumps(self.state).encode())
 
     @property
     def next_cursor(self) -> int:
@@ -199,7 +180,7 @@ class Spool:
         meta = ChunkMeta(self.next_cursor, len(records), source, source_start, codec, dict(clock))
         header = json.dumps({"start": meta.start, "count": meta.count, "source": source,
                              "source_start": source_start, "codec": codec, "clock": meta.clock})
-        _write_durable(self.chunks / f"{meta.start:012d}.chunk",
+        write_atomic(self.chunks / f"{meta.start:012d}.chunk",
                        header.encode() + b"\n" + b"".join(records))
         self.state["next_cursor"] = meta.end
         self.state["fetched"][source] = source_start + len(records)
