@@ -12,8 +12,8 @@ Every bridge pushes its streams faster than real time, interleaved second by sec
 together on a signal, until every window has come back from the server. With S stream-seconds
 done in W seconds of wall time, the server keeps up with S / W real-time streams (the same
 derivation as the ``streams`` row). The bridges run on the same 2 cores as the server here; on
-a real network they run on their own Pis, so S / (server CPU-seconds) is also given: the streams
-one server core would take with the bridges elsewhere.
+a real network they run on their own Pis, so S / (server CPU-seconds) is also given: streams per
+core of server CPU.
 
 - **Server CPU per speech-second**: the server process's CPU (``/proc/PID/stat``, all threads)
   during the run / seconds of utterance audio sent to it. The local backend in the same run: the
@@ -236,7 +236,7 @@ def run(res: Results) -> None:
     res.add("server_streams", f"**{n:.1f}** (local {n_local:.1f})",
             note=f"{bridges} bridge processes × {pendants} pendants × {seconds:g} s into one "
                  f"wyoming-faster-whisper, bridges on the same 2 cores; median of {len(remote)} "
-                 f"({spr(remote, 'streams')}); one server core with the bridges elsewhere: {n_core:.1f} "
+                 f"({spr(remote, 'streams')}); per core of server CPU: {n_core:.1f} "
                  f"({spr(remote, 'core_streams')}); local: the same streams through one process's "
                  f"worker ({spr(local, 'streams')}); {errors} failed requests")
     res.add("server_cpu", f"{srv:.4f} vs local {loc:.4f} → **{srv / loc:.2f} ×**",
@@ -269,11 +269,13 @@ def run(res: Results) -> None:
         f"| bridge CPU per stream (feeding thread + the rest) | {best['bridge_pct']:.2f} % "
         f"({best['bridge_pct'] - best['client_pct']:.2f} + {best['client_pct']:.2f}) | |",
         f"| words transcribed | {best['words']} | {peer['words']} |", "",
-        "Sustained streams are bounded by the one server, which transcribes one window at a time like "
-        "the local worker; on this machine the bridges take part of the second core. With the bridges "
-        "on their own Pis, one server core would take stream-seconds / server CPU-seconds "
-        f"= {n_core:.1f} streams; a faster box or a GPU scales that, and a server with a larger model "
-        "costs more per speech-second. The server decodes a little differently from the local backend "
+        "Sustained streams are bounded by the one server: its model decodes one window at a time, like "
+        "the local worker, while the bridges here take part of the second core. The server still ran "
+        f"on more than one core at times ({best['server_cpu']:.1f} CPU-seconds in {best['wall']:.1f} s: "
+        "it reads and prepares the next request while the model decodes another), so per core of "
+        f"server CPU, stream-seconds / server CPU-seconds = {n_core:.1f} streams is the figure to scale "
+        "by a server machine's speed; a larger model costs more per speech-second. The server decodes "
+        "a little differently from the local backend "
         "(it conditions on earlier text and keeps every segment, docs/reference/wyoming.md §6), so its "
         "cost per speech-second is compared, not its text.",
     ])
