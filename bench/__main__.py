@@ -1,6 +1,6 @@
 """``python -m bench``: every figure of issue 7 next to its goal → bench/results.md and results.png.
 
-    python -m bench                 # the full suite (~8 min on 2 cores)
+    python -m bench                 # the full suite (~10 min on 2 cores)
     python -m bench --quick         # tiny sizes, seconds (the smoke test); figures not meaningful
     python -m bench --out DIR       # write results.md / results.png into DIR instead of bench/
     python -m bench NAME [ARGS]     # one benchmark on its own, printing its figures:
