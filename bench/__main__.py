@@ -1,14 +1,16 @@
 """``python -m bench``: every figure of issue 7 next to its goal → bench/results.md and results.png.
 
-    python -m bench                 # the full suite (~8 min on 2 cores)
+    python -m bench                 # the full suite (~10 min on 2 cores)
     python -m bench --quick         # tiny sizes, seconds (the smoke test); figures not meaningful
     python -m bench --out DIR       # write results.md / results.png into DIR instead of bench/
     python -m bench NAME [ARGS]     # one benchmark on its own, printing its figures:
-                                    #   link, capture, quality, delivery, daemon, speech_live
+                                    #   link, capture, quality, delivery, daemon, server,
+                                    #   speech_live
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
 WER and ASR CPU vs whole-file Whisper and the community SDK's decoding, segment latency),
-delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon).
+delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon),
+server (streams per Wyoming server: several bridge processes into one wyoming-faster-whisper).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SUITE = {
     "quality": ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"),
     "delivery": ("delivery",),
     "daemon": ("idle_cpu", "rss"),
+    "server": ("server_streams", "server_cpu", "bridge_cpu"),
 }
 """Suite parts (modules under bench/, each with ``run(Results)``) and the rows each fills."""
 STANDALONE = ["link", *SUITE, "speech_live"]

@@ -147,7 +147,7 @@ class Row:
 
 
 ROW_ORDER = ("capture_cpu", "asr_cpu", "delivery", "segment_lag", "idle_cpu", "streams", "rss",
-             "wer_omi", "wer_frame")
+             "wer_omi", "wer_frame", "server_streams", "server_cpu", "bridge_cpu")
 """Every row the table has, in the issue's order (the smoke test checks them all)."""
 
 ROW_TITLES = {
@@ -160,6 +160,9 @@ ROW_TITLES = {
     "rss": "peak RSS, one device / each extra device",
     "wer_omi": "corpus WER through the full Omi path (Opus 32 kbit/s, 2 % frame loss)",
     "wer_frame": "the same through the Frame path",
+    "server_streams": "real-time streams one Wyoming server sustains (50 % speech)",
+    "server_cpu": "Wyoming server CPU-seconds per second of speech, vs local",
+    "bridge_cpu": "bridge side per stream with a Wyoming server",
 }
 
 ROW_GOALS = {
@@ -172,6 +175,9 @@ ROW_GOALS = {
     "rss": "≤ 450 MB / ≤ 20 MB",
     "wer_omi": "≤ 1.2 × whole-file faster-whisper on the original audio",
     "wer_frame": "report",
+    "server_streams": "report",
+    "server_cpu": "report",
+    "bridge_cpu": "≤ 1 % of one core",
 }
 
 
