@@ -20,6 +20,7 @@ from bridge.config import MqttOptions
 from bridge.core.gatt import BUTTON_EVENTS
 from bridge.core.health import DeviceHealth, HealthSnapshot
 from bridge.core.kinds import DeviceKind
+from bridge.core.times import iso_seconds
 
 QOS = 1
 """At least once: a retained state or config is never lost to a dropped packet."""
@@ -52,7 +53,7 @@ def _address_id(address: str) -> str:
 
 
 def _iso(when: datetime | None) -> str:
-    return when.isoformat(timespec="seconds") if when is not None else UNKNOWN
+    return iso_seconds(when) or UNKNOWN
 
 
 def _number(value: float | int | None) -> str:

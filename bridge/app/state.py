@@ -22,6 +22,7 @@ from typing import Any
 from bridge.config import Config
 from bridge.core.errors import BridgeError
 from bridge.core.files import write_atomic
+from bridge.core.times import now_iso
 
 STATE_FILE = "state.json"
 LOCK_FILE = "daemon.lock"
@@ -84,7 +85,7 @@ class DaemonLock:
 def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Atomically replace the published state."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = json.dumps({"version": STATE_VERSION, "updated_at": _now_iso(), **state}, indent=1)
+    data = json.dumps({"version": STATE_VERSION, "updated_at": now_iso(), **state}, indent=1)
     # Rewritten every few seconds and only about the present: no fsync (an SD card's worth).
     write_atomic(directory / STATE_FILE, data.encode("utf-8"), mode=PUBLIC_MODE, durable=False)
 
@@ -176,5 +177,3 @@ def age_seconds(when: Any) -> float | None:
     return None if parsed is None else (datetime.now(UTC) - parsed).total_seconds()
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

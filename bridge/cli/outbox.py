@@ -12,12 +12,12 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from bridge.config import Config, load_config
 from bridge.core.errors import BridgeError
 from bridge.core.records import Conversation
+from bridge.core.times import iso_seconds
 from bridge.outbox.sender import Sender, not_before, outbox_status
 from bridge.outbox.store import DeliveryLock, Item, Outbox
 
@@ -35,7 +35,7 @@ the daemon (or a later ``outbox retry``), so a command never hangs for an hour."
 
 
 def _iso(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    return iso_seconds(ts) or "-"
 
 
 def _deliver(outbox: Outbox, config: Config, ids: set[int] | None, out: TextIO, *,

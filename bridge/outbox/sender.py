@@ -28,13 +28,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from bridge.config import ApiOptions
 from bridge.core.errors import BridgeError
+from bridge.core.times import iso_seconds
 from bridge.outbox.client import AsyncOmiClient, Credentials, Kind, OmiClient, Outcome, fingerprint
 from bridge.outbox.store import RATE_WINDOW_SECONDS, DeliveryLock, Item, Outbox, Pause
 
@@ -52,10 +52,6 @@ POLL_SECONDS = 30.0
 ``transcribe --send``) may have changed it, and wake() only reaches this process."""
 PAUSE_RECHECK_SECONDS = 30.0
 """While paused, how often the key file / environment is re-read for a changed key."""
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -160,18 +156,18 @@ class Sender:
                                    "confirming later", server_id=outcome.server_id,
                                    server_status=outcome.server_status)
             _LOGGER.info("%s: %s accepted by an earlier attempt (server id %s, processing); "
-                         "confirming at %s", item.device or "-", label, outcome.server_id, _iso(at))
+                         "confirming at %s", item.device or "-", label, outcome.server_id, iso_seconds(at))
         elif outcome.kind is Kind.RETRY:
             at = now + self.backoff(item.attempts + 1)
             self.outbox.reschedule(item.id, at, outcome.detail)
             _LOGGER.warning("%s: %s not delivered (%s); retrying at %s", item.device or "-", label,
-                            outcome.detail, _iso(at))
+                            outcome.detail, iso_seconds(at))
         elif outcome.kind is Kind.RATE_LIMITED:
             at = now + (outcome.retry_after or 0.0)
             self.outbox.reschedule(item.id, at, outcome.detail)
             self.outbox.set_hold(at)
             _LOGGER.warning("%s: %s: the server's hourly limit is reached (%s); next try at %s",
-                            item.device or "-", label, outcome.detail, _iso(at))
+                            item.device or "-", label, outcome.detail, iso_seconds(at))
         elif outcome.kind is Kind.PAUSE:
             self._pause(outcome.detail, outcome.hint, creds.fingerprint)
         elif outcome.kind is Kind.DEAD:
@@ -317,7 +313,7 @@ def outbox_status(outbox: Outbox, api: ApiOptions, now: float) -> dict[str, Any]
         next_send = max(next_at, blocked_until or next_at, now)
     return {
         "counts": counts,
-        "next_send_at": _iso(next_send),
+        "next_send_at": iso_seconds(next_send),
         "paused": None if pause is None else {"reason": pause.reason, "hint": pause.hint},
         "writes_last_hour": len(outbox.attempts_since(now - RATE_WINDOW_SECONDS)),
         "writes_per_hour": api.writes_per_hour,

@@ -21,13 +21,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bridge.config import LocationOptions
 from bridge.core.errors import BridgeError
 from bridge.core.records import Conversation
+from bridge.core.times import iso_seconds
 from bridge.outbox.payload import request_bodies
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,12 +64,6 @@ CREATE INDEX IF NOT EXISTS items_due ON items (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS attempts (at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -113,7 +107,7 @@ class Item:
             "client_session_id": self.client_session_id,
             "state": self.view_state(now, paused, not_before),
             "attempts": self.attempts,
-            "next_attempt_at": _iso(self.due_at(not_before)),
+            "next_attempt_at": iso_seconds(self.due_at(not_before)),
             "server_id": self.server_id,
             "discarded": self.discarded,
             "error": self.error,

@@ -49,7 +49,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from bridge.audio.codecs import OPUS_FRAME_SAMPLES, Decoder, make_decoder
 from bridge.core.files import write_atomic
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredAudioSink, StoredBlock, SyncStatus
+from bridge.core.times import iso_seconds
 from bridge.devices.omi import storage as st
 from bridge.link.notify import BatchedNotifications
 
@@ -106,10 +106,6 @@ def _safe(name: str) -> str:
 
 def pendant_dir(storage: Path, address: str) -> Path:
     return storage / OFFLINE_DIR / _safe(address)
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +475,7 @@ class PendantSync:
             if result.complete:
                 now = self.clock()
                 self.status.state = "done"
-                self.status.last_sync_at = _iso(now)
+                self.status.last_sync_at = iso_seconds(now)
                 self.spool.state["last_sync_at"] = self.status.last_sync_at
                 self.spool.state["drained_cursor"] = self.spool.next_cursor
             elif self.status.state == "syncing":
