@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from bridge.config import API_KEY_ENV, Config, parse_config, resolve_config_path
 from bridge.core.errors import BridgeError
+from bridge.link.failures import POWER_ON_ADVICE, START_BLUEZ_ADVICE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -299,8 +300,7 @@ async def async_adapter_problem(adapter: str) -> str | None:
     finally:
         bus.disconnect()
     if reply is None or reply.message_type == MessageType.ERROR:
-        return ("bluetoothd is not running (no org.bluez on the system bus): "
-                "sudo apt-get install bluez && sudo systemctl start bluetooth")
+        return f"bluetoothd is not running (no org.bluez on the system bus): {START_BLUEZ_ADVICE}"
     objects = reply.body[0]
     path = f"/org/bluez/{adapter}"
     props = objects.get(path, {}).get(ADAPTER_IFACE)
@@ -311,7 +311,7 @@ async def async_adapter_problem(adapter: str) -> str | None:
         return f"Bluetooth adapter {adapter} not found ({where})"
     powered = props.get("Powered")
     if powered is not None and not powered.value:
-        return f"Bluetooth adapter {adapter} is powered off: bluetoothctl power on (and check rfkill)"
+        return f"Bluetooth adapter {adapter} is powered off: {POWER_ON_ADVICE}"
     return None
 
 

@@ -22,6 +22,11 @@ from bleak.exc import (
 from bridge.config import LinkOptions
 from bridge.core.errors import BridgeError, DeviceNotFoundError
 
+POWER_ON_ADVICE = "turn it on: `bluetoothctl power on` (and check `rfkill list`)"
+"""What to do about an adapter that is powered off (every place that finds one says this)."""
+START_BLUEZ_ADVICE = "start it: `sudo systemctl start bluetooth` (package bluez)"
+"""What to do when bluetoothd is not on the system bus."""
+
 
 @dataclass(frozen=True)
 class FailureKind:
@@ -32,7 +37,7 @@ class FailureKind:
 
 
 ADAPTER_OFF = FailureKind(
-    "adapter", 5.0, "the Bluetooth adapter is off or missing: `bluetoothctl power on`; check "
+    "adapter", 5.0, f"the Bluetooth adapter is off or missing: {POWER_ON_ADVICE}; check "
     "`bluetoothctl list` and that bluetoothd runs ([link] adapter names it)")
 DEVICE_MISSING = FailureKind(
     "device missing", 0.0, "not seen: out of range, switched off, flat, or connected to a "

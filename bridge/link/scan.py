@@ -24,6 +24,7 @@ from bridge.core.errors import BridgeError
 from bridge.core.gatt import FRAME_NAME_PREFIX, FRAME_SERVICE, FRAME_UPDATE_PREFIX, OMI_AUDIO_SERVICE
 from bridge.core.kinds import DeviceKind
 from bridge.link.adapter import adapter_args, scanner_args
+from bridge.link.failures import POWER_ON_ADVICE, START_BLUEZ_ADVICE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,17 +57,17 @@ def bluetooth_errors(adapter: str) -> Iterator[None]:
     except BleakBluetoothNotAvailableError as exc:
         if exc.reason == BleakBluetoothNotAvailableReason.POWERED_OFF:
             raise BridgeError(f"Bluetooth adapter {adapter} is powered off",
-                              "turn it on: `bluetoothctl power on` (and check `rfkill list`)") from None
+                              POWER_ON_ADVICE) from None
         raise BridgeError(f"no usable Bluetooth adapter ({adapter}): {exc}",
                           "check `bluetoothctl list`; set [link] adapter to one it shows") from None
     except BleakDBusError as exc:
         if exc.dbus_error in ("org.freedesktop.DBus.Error.ServiceUnknown",
                               "org.freedesktop.DBus.Error.NameHasNoOwner"):
             raise BridgeError("BlueZ (bluetoothd) is not running",
-                              "start it: `sudo systemctl start bluetooth`") from None
+                              START_BLUEZ_ADVICE) from None
         if exc.dbus_error == "org.bluez.Error.NotReady":
             raise BridgeError(f"Bluetooth adapter {adapter} is not ready (powered off?)",
-                              "`bluetoothctl power on`") from None
+                              POWER_ON_ADVICE) from None
         raise
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise BridgeError(f"cannot reach the system D-Bus: {exc}",
