@@ -7,7 +7,6 @@ Each problem names the key (or file) and says what to do.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import stat
@@ -15,11 +14,11 @@ import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from bridge.config import API_KEY_ENV, Config, parse_config, resolve_config_path
+from bridge.config import Config, parse_config, resolve_config_path
 from bridge.core.errors import BridgeError
 from bridge.link.failures import POWER_ON_ADVICE, START_BLUEZ_ADVICE
+from bridge.outbox.client import api_key_source, check_base_url, resolve_api_key
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -98,67 +97,39 @@ def _check_model(config: Config) -> list[Problem]:
     return []
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_base_url(config: Config) -> list[Problem]:
-    key = "[api] base_url"
-    url = config.api.base_url
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return [Problem(key, f"{url!r} is not an http(s) URL", 'use "https://api.omi.me"')]
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        return [Problem(key, f"plain http to {parts.hostname} would send the API key unencrypted",
-                        "use https (plain http is only allowed to 127.0.0.1/localhost)")]
+    try:
+        check_base_url(config.api.base_url)
+    except BridgeError as exc:
+        return [Problem("[api] base_url", exc.message.removeprefix("[api] base_url "), exc.hint)]
     return []
 
 
 def _check_api_key(config: Config) -> list[Problem]:
-    if os.environ.get(API_KEY_ENV, "").strip():
-        return []
+    """The key resolves (the client's rule); a key readable by others is a warning."""
     api = config.api
-    if api.api_key_file:
-        key = "[api] api_key_file"
+    source = api_key_source(api)
+    try:
+        resolve_api_key(api)
+    except BridgeError as exc:
+        return [Problem(source or "[api] api_key", exc.message.removeprefix(f"{source} "), exc.hint)]
+    if source == "[api] api_key_file":
         path = Path(api.api_key_file).expanduser()
-        try:
-            text = path.read_text().strip()
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            return [Problem(key, f"{path} does not exist",
-                            "create it readable only by the user the daemon runs as (the service: "
-                            f"sudo install -m 600 -o omi-bridge -g omi-bridge /dev/null {path}), "
-                            f"then paste your omi_dev_... key into it (sudoedit {path})")]
-        except OSError as exc:
-            return [Problem(key, f"cannot read {path}: {exc.strerror}",
-                            "make it readable by the service user only (chmod 600, owned by it)")]
-        problems = []
-        if not text:
-            problems.append(Problem(key, f"{path} is empty", "paste your omi_dev_... key into it"))
+        mode = path.stat().st_mode
         if mode & SECRET_READABLE_BITS:
-            problems.append(Problem(key, f"{path} is readable by other users (mode {stat.S_IMODE(mode):o})",
-                                    f"chmod 600 {path}", warning=True))
-        return problems
-    if api.api_key.strip():
-        if config.path:
-            try:
-                mode = Path(config.path).stat().st_mode
-            except OSError:
-                return []
-            if mode & stat.S_IROTH:
-                return [Problem("[api] api_key", f"the key sits in {config.path}, which every user can "
-                                f"read (mode {stat.S_IMODE(mode):o})",
-                                f"chmod 640 {config.path}, or move the key to api_key_file",
-                                warning=True)]
-        return []
-    return [Problem("[api] api_key", "no API key is configured, so nothing can be delivered",
-                    "create a key with the conversations:write scope in the Omi app (Settings → "
-                    "Developer) and set [api] api_key_file (or $OMI_API_KEY)")]
+            return [Problem(source, f"{path} is readable by other users (mode {stat.S_IMODE(mode):o})",
+                            f"chmod 600 {path}", warning=True)]
+    elif source == "[api] api_key" and config.path:
+        try:
+            mode = Path(config.path).stat().st_mode
+        except OSError:
+            return []
+        if mode & stat.S_IROTH:
+            return [Problem(source, f"the key sits in {config.path}, which every user can "
+                            f"read (mode {stat.S_IMODE(mode):o})",
+                            f"chmod 640 {config.path}, or move the key to api_key_file",
+                            warning=True)]
+    return []
 
 
 def _check_mqtt(config: Config) -> list[Problem]:

@@ -77,28 +77,46 @@ def check_base_url(base_url: str) -> str:
         raise BridgeError(f"[api] base_url {base_url!r} is not an http(s) URL",
                           "set [api] base_url to https://api.omi.me")
     if parts.scheme == "http" and not is_loopback(host):
-        raise BridgeError(f"[api] base_url {base_url!r} uses plain http to a non-loopback host; the "
-                          "API key would travel in clear text",
+        raise BridgeError(f"[api] base_url {base_url!r}: plain http to {host} would send the API key "
+                          "unencrypted",
                           "use https:// (plain http is allowed only to 127.0.0.1, ::1 or localhost)")
     return base_url.rstrip("/")
 
 
-def resolve_api_key(api: ApiOptions) -> str:
-    """$OMI_API_KEY, else the contents of [api] api_key_file, else [api] api_key."""
-    if key := os.environ.get(API_KEY_ENV, "").strip():
-        return key
+def api_key_source(api: ApiOptions) -> str | None:
+    """Where the key comes from, by precedence: ``$OMI_API_KEY``, ``[api] api_key_file``,
+    ``[api] api_key``; None when none is set."""
+    if os.environ.get(API_KEY_ENV, "").strip():
+        return f"${API_KEY_ENV}"
     if api.api_key_file:
+        return "[api] api_key_file"
+    if api.api_key.strip():
+        return "[api] api_key"
+    return None
+
+
+def resolve_api_key(api: ApiOptions) -> str:
+    """The key from the first source ``api_key_source`` names."""
+    source = api_key_source(api)
+    if source == f"${API_KEY_ENV}":
+        return os.environ[API_KEY_ENV].strip()
+    if source == "[api] api_key_file":
         path = Path(api.api_key_file).expanduser()
         try:
             key = path.read_text().strip()
+        except FileNotFoundError:
+            raise BridgeError(f"[api] api_key_file {path} does not exist",
+                              "create it readable only by the user the daemon runs as (the service: "
+                              f"sudo install -m 600 -o omi-bridge -g omi-bridge /dev/null {path}), "
+                              f"then paste your omi_dev_... key into it (sudoedit {path})") from None
         except OSError as exc:
             raise BridgeError(f"cannot read [api] api_key_file {path}: {exc.strerror}",
                               "check the path and that the service user may read it") from None
         if not key:
             raise BridgeError(f"[api] api_key_file {path} is empty", KEY_SETTINGS_HINT)
         return key
-    if key := api.api_key.strip():
-        return key
+    if source == "[api] api_key":
+        return api.api_key.strip()
     raise BridgeError("no Omi API key is configured",
                       f"set ${API_KEY_ENV}, [api] api_key_file or [api] api_key; " + KEY_SETTINGS_HINT)
 
