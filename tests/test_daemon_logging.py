@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SNIPPET = ("import logging; from bridge.app.daemon import setup_logging; setup_logging('info'); "
+SNIPPET = ("import logging; from bridge.app.logs import setup_logging; setup_logging('info'); "
            "logging.getLogger('bridge.link.supervisor').warning('pendant link lost; reconnecting'); "
            "logging.getLogger('bridge.app.daemon').debug('hidden at info')")
 

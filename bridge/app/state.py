@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,30 @@ class DaemonLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def acquire_daemon_locks(storage: Path, state_dir: Path) -> Callable[[], None]:
+    """Lock the storage directory (a second daemon, e.g. a manual ``run`` beside the service,
+    stays off the same spool and outbox) and, when it is elsewhere, the state directory (the lock
+    beside state.json is what ``status`` checks for liveness). Returns the release."""
+    directories = [storage]
+    if state_dir.resolve() != storage.resolve():
+        directories.append(state_dir)
+    held: list[DaemonLock] = []
+
+    def release() -> None:
+        for lock in reversed(held):
+            lock.release()
+
+    try:
+        for directory in directories:
+            lock = DaemonLock(directory)
+            lock.acquire()
+            held.append(lock)
+    except BaseException:
+        release()
+        raise
+    return release
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import sys
 
-from bridge.app.daemon import EXIT_CONFIG, StartupError, async_main, setup_logging
+from bridge.app.daemon import EXIT_CONFIG, StartupError, async_main
+from bridge.app.logs import setup_logging
 from bridge.app.preflight import require_valid
 from bridge.core.errors import BridgeError
 

@@ -716,3 +716,26 @@ class SpeechPipeline:
             # If we die between the callback and this removal, recover() hands it on again and
             # the outbox drops the duplicate by client_session_id.
             state.remove()
+
+
+def recover_orphans(config: Config, storage: Path, known: list[str], worker: AsrWorker,
+                    on_conversation: Callable[[Conversation], None]) -> list[SpeechPipeline]:
+    """Finish conversations spooled for devices not in ``known`` (unpaired since), so removing a
+    device from the config never silently drops what it had recorded. Returns the pipelines
+    still finishing them."""
+    spool_root = storage / spool.SPOOL_DIR
+    if not spool_root.is_dir():
+        return []
+    kept = {spool.device_dir(storage, address) for address in known}
+    pipelines = []
+    for folder in sorted(p for p in spool_root.iterdir() if p.is_dir() and p not in kept):
+        if not any(c.is_dir() for c in folder.iterdir()):
+            continue
+        pipeline = SpeechPipeline(folder.name, config, worker, on_conversation, label=folder.name,
+                                  storage=storage)
+        found = pipeline.recover()
+        if found:
+            _LOGGER.info("%s: %d conversation(s) of a device no longer configured recovered",
+                         folder.name, found)
+            pipelines.append(pipeline)
+    return pipelines

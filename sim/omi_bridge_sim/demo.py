@@ -178,7 +178,7 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bridge.app.daemon import setup_logging
+    from bridge.app.logs import setup_logging
 
     setup_logging("info", verbose=getattr(args, "verbose", False))
     # Progress for a person watching: the daemon's own log, with the time of day only.
