@@ -7,7 +7,8 @@ import json
 import sys
 from typing import TextIO
 
-from bridge.app.doctor import Finding, Status, blocking, run_checks
+from bridge.app.doctor import run_checks
+from bridge.app.findings import Finding, Status, blocking
 
 MARKS = {Status.OK: "ok  ", Status.WARN: "warn", Status.FAIL: "FAIL"}
 
