@@ -23,7 +23,8 @@ from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredBlock
 from bridge.devices.link import DeviceLink
 from bridge.devices.omi import storage as st
-from bridge.devices.omi.sync import PendantSync, Spool, pendant_dir
+from bridge.devices.omi.chunks import Spool, pendant_dir
+from bridge.devices.omi.sync import PendantSync
 
 TIMEOUT = 30.0
 FAST = LinkOptions(reconnect_min_seconds=0.1, reconnect_max_seconds=0.5, scan_timeout_seconds=5.0)

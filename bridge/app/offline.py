@@ -20,7 +20,8 @@ from typing import Any
 from bridge.config import Config, DeviceConfig
 from bridge.core.kinds import DeviceKind
 from bridge.core.records import Conversation
-from bridge.devices.omi.sync import PendantSync, pendant_dir
+from bridge.devices.omi.chunks import pendant_dir
+from bridge.devices.omi.sync import PendantSync
 from bridge.speech.offline import OfflineFeeder
 
 

@@ -41,32 +41,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from bleak import BleakClient
 
 from bridge.audio.codecs import OPUS_FRAME_SAMPLES, Decoder, make_decoder
-from bridge.core.files import write_atomic
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredAudioSink, StoredBlock, SyncStatus
 from bridge.core.times import iso_seconds
 from bridge.devices.omi import storage as st
+from bridge.devices.omi.chunks import ChunkMeta, Spool, pendant_dir
+from bridge.devices.omi.timing import TimePlacer
 from bridge.link.notify import BatchedNotifications
 
 _LOGGER = logging.getLogger(__name__)
 
-OFFLINE_DIR = "offline"
-"""``<storage>/offline/<pendant>/``: the download spool (chunks, state) and the speech side's runs."""
 
 RING_BATCH_RECORDS = 1000
 """Records per READ (≈ 100 s of audio, ≈ 440 kB): each batch is committed and advanced on its
@@ -79,12 +75,6 @@ ANSWER_TIMEOUT = 10.0
 and 5 s more before answering INFO/READ (omi-storage.md §8, §10 step 5)."""
 DATA_TIMEOUT = 5.0
 """No data for this long inside a transfer: give up this sync (omi-storage.md §8, §10 step 7)."""
-STAMP_CENTRE = 0.5
-"""Record stamps are whole UTC seconds of the first frame (omi-storage.md §3.1, §6.3): the frame
-lies in [stamp, stamp + 1), so its best estimate is the middle."""
-CONTINUITY_SECONDS = 2.0
-"""A record whose stamp is within this of where the previous records end continues them; more
-is a recording pause (omi-storage.md §6.3: "larger than ~2 s means a pause in recording")."""
 RECORD_SECONDS_ESTIMATE = 0.1
 """Rough audio per 444-byte record (≈ 5 frames of ≈ 80 B, omi-storage.md §8); only for the
 'waiting' figure and for estimating times when no better anchor exists."""
@@ -98,204 +88,6 @@ DEFAULT_FRAME_SAMPLES = 320
 
 class SyncAborted(Exception):
     """This connection's sync stops; the message is the journal line's reason."""
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "device"
-
-
-def pendant_dir(storage: Path, address: str) -> Path:
-    return storage / OFFLINE_DIR / _safe(address)
-
-
-# --------------------------------------------------------------------------------------------
-# The download spool
-
-
-@dataclass(frozen=True)
-class ChunkMeta:
-    """What a chunk file's header line says about its records."""
-
-    start: int
-    """Local cursor of the first record."""
-    count: int
-    source: str
-    """Which storage the records came from: "r<ring id>" / "e<epoch>" (ring), "f<stamp>" (file)."""
-    source_start: int
-    """Ring sequence number (or block number in a file) of the first record."""
-    codec: int
-    clock: dict[str, float | None] = field(default_factory=dict)
-    """received_at, offset, pendant_now, last_time_sync, estimate_start (see ``TimePlacer``)."""
-
-    @property
-    def end(self) -> int:
-        return self.start + self.count
-
-
-class Spool:
-    """Chunk files ``<start>.chunk``: one JSON header line, then ``count`` × 444-byte records.
-    Written whole to a temp file, fsynced, renamed: a chunk is either all there or absent."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.chunks = root / "chunks"
-        self.chunks.mkdir(parents=True, exist_ok=True)
-        self.state_path = root / "sync.json"
-        self.state: dict[str, Any] = self._load_state()
-
-    def _load_state(self) -> dict[str, Any]:
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if not isinstance(state, dict):
-            state = {}
-        state.setdefault("next_cursor", 0)
-        state.setdefault("fetched", {})
-        state.setdefault("epoch", 0)
-        for meta in self.metas():  # a chunk written just before a crash, state not yet
-            state["next_cursor"] = max(state["next_cursor"], meta.end)
-            state["fetched"][meta.source] = max(state["fetched"].get(meta.source, 0),
-                                                meta.source_start + meta.count)
-        return state
-
-    def save_state(self) -> None:
-        write_atomic(self.state_path, json.dumps(self.state).encode())
-
-    @property
-    def next_cursor(self) -> int:
-        return int(self.state["next_cursor"])
-
-    def fetched(self, source: str) -> int | None:
-        value = self.state["fetched"].get(source)
-        return None if value is None else int(value)
-
-    def append(self, records: list[bytes], source: str, source_start: int, codec: int,
-               clock: dict[str, float | None]) -> ChunkMeta:
-        """Make ``records`` durable; returns their chunk. Blocking (fsync): run it off the loop."""
-        meta = ChunkMeta(self.next_cursor, len(records), source, source_start, codec, dict(clock))
-        header = json.dumps({"start": meta.start, "count": meta.count, "source": source,
-                             "source_start": source_start, "codec": codec, "clock": meta.clock})
-        write_atomic(self.chunks / f"{meta.start:012d}.chunk",
-                       header.encode() + b"\n" + b"".join(records))
-        self.state["next_cursor"] = meta.end
-        self.state["fetched"][source] = source_start + len(records)
-        self.save_state()
-        return meta
-
-    def metas(self) -> list[ChunkMeta]:
-        out = []
-        for path in sorted(self.chunks.glob("*.chunk")):
-            meta = self._header(path)
-            if meta is not None:
-                out.append(meta)
-        return out
-
-    def _header(self, path: Path) -> ChunkMeta | None:
-        try:
-            with open(path, "rb") as f:
-                head = json.loads(f.readline())
-            return ChunkMeta(int(head["start"]), int(head["count"]), str(head["source"]),
-                             int(head["source_start"]), int(head["codec"]), dict(head["clock"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            _LOGGER.warning("offline spool: unreadable chunk %s; left in place", path)
-            return None
-
-    def records(self, meta: ChunkMeta) -> bytes:
-        with open(self.chunks / f"{meta.start:012d}.chunk", "rb") as f:
-            f.readline()
-            data = f.read()
-        if len(data) != meta.count * st.RECORD_BYTES:
-            raise OSError(f"chunk {meta.start} holds {len(data)} bytes, expected "
-                          f"{meta.count * st.RECORD_BYTES}")
-        return data
-
-    def delete_before(self, cursor: int) -> int:
-        """Delete chunks wholly before ``cursor`` (speech no longer needs them); returns bytes freed."""
-        freed = 0
-        for meta in self.metas():
-            if meta.end <= cursor:
-                path = self.chunks / f"{meta.start:012d}.chunk"
-                with contextlib.suppress(OSError):
-                    freed += path.stat().st_size
-                    path.unlink()
-        return freed
-
-    def pending_records(self, cursor: int) -> int:
-        return sum(max(0, m.end - max(m.start, cursor)) for m in self.metas())
-
-
-# --------------------------------------------------------------------------------------------
-# Times and decoding (the reading side)
-
-
-class TimePlacer:
-    """Gives each record its wall-clock start and says where runs begin (see the module doc)."""
-
-    def __init__(self, gap_seconds: float) -> None:
-        self.gap_seconds = gap_seconds
-        self.expected: float | None = None
-        """Where the previous record's audio ends (UTC), None outside a run."""
-        self.source: str | None = None
-        self.estimated = False
-        self._uptime_base: tuple[int, float] | None = None
-
-    def close_run(self) -> None:
-        self.expected = None
-
-    def place(self, record: st.Record, meta: ChunkMeta) -> tuple[float, bool, bool]:
-        """(start UTC, estimated, starts a new run)."""
-        kind = record.stamp_kind
-        clock = meta.clock
-        new_run = self.expected is None or meta.source != self.source
-        if kind is st.StampKind.UTC:
-            t = self.correct(record.stamp, clock) + STAMP_CENTRE
-            estimated = False
-        else:
-            estimated = True
-            if kind is st.StampKind.UPTIME:
-                uptime = record.stamp & ~st.UPTIME_FLAG
-                if (self._uptime_base is None or new_run or not self.estimated
-                        or uptime < self._uptime_base[0]):
-                    base = self.expected if (self.expected is not None and self.estimated
-                                             and not new_run) else _estimate_start(clock)
-                    self._uptime_base = (uptime, base)
-                t = self._uptime_base[1] + (uptime - self._uptime_base[0])
-            else:
-                t = self.expected if (self.expected is not None and self.estimated
-                                      and not new_run) else _estimate_start(clock)
-        if not new_run and estimated != self.estimated:
-            new_run = True
-        if not new_run and self.expected is not None:
-            jump = t - self.expected
-            if jump > self.gap_seconds or jump < -CONTINUITY_SECONDS:
-                new_run = True
-            elif jump <= CONTINUITY_SECONDS:
-                t = self.expected  # the same recording: frames follow frames
-        self.source = meta.source
-        self.estimated = estimated
-        return t, estimated, new_run
-
-    @staticmethod
-    def correct(stamp: int, clock: dict[str, float | None]) -> float:
-        """Pendant UTC → bridge UTC: the offset measured at this connection's time sync, spread
-        linearly over the time since the previous sync (drift accrues with time)."""
-        offset = clock.get("offset")
-        if not offset:
-            return float(stamp)
-        now, last = clock.get("pendant_now"), clock.get("last_time_sync")
-        share = 1.0
-        if now is not None and last is not None and now > last:
-            share = min(1.0, max(0.0, (stamp - last) / (now - last)))
-        return stamp + offset * share
-
-
-def _estimate_start(clock: dict[str, float | None]) -> float:
-    est = clock.get("estimate_start")
-    if est is not None:
-        return est
-    received = clock.get("received_at")
-    return received if received is not None else time.time()
 
 
 # --------------------------------------------------------------------------------------------
