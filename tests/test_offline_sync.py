@@ -133,7 +133,8 @@ async def test_ring_sync_gives_every_stored_frame_its_spoken_time(fake_bluez, tm
 
 
 async def test_cut_transfers_resume_from_the_last_durable_record(fake_bluez, tmp_path):
-    storage = PendantStorage(rate_bytes_per_second=FAST_RATE)
+    # The pendant's clock ran slow while it recorded; the first connect set it right.
+    storage = PendantStorage(rate_bytes_per_second=FAST_RATE, clock_error=-7.0)
     enc = FrameEncoder(21)
     total = storage.record_clip(clip("monologue.wav"), SPOKEN_AT, enc)
     rng = random.Random(4)
@@ -173,6 +174,12 @@ async def test_cut_transfers_resume_from_the_last_durable_record(fake_bluez, tmp
     positions = [b.position for b in sink.blocks]
     assert len(positions) == len(set(positions))
     assert [b.cursor for b in sink.blocks] == sorted(b.cursor for b in sink.blocks)
+    # Records fetched on later connects keep the first connect's clock correction: one run,
+    # at the time it was said, not split where a connection after the time was set took over.
+    assert [b.new_run for b in speech].count(True) == 1
+    assert speech[0].started_at == pytest.approx(SPOKEN_AT, abs=1.0)
+    assert speech[-1].started_at + len(speech[-1].pcm) / SAMPLE_RATE == pytest.approx(
+        SPOKEN_AT + total * 0.02, abs=1.0)
     assert link.stats.reconnects >= len(cuts)
     assert storage.unread == 0
 

@@ -22,10 +22,13 @@ follow at the codec's frame duration, and the next record's stamp is trusted ove
 count: a jump between stamps is a pause in recording, and a new *run* (a conversation boundary)
 when it exceeds the conversation gap. Valid stamps are corrected by the clock offset measured
 when the bridge wrote the time (bridge minus pendant, spread linearly since the previous time
-sync, since the drift accrued over that interval). Stamps that are not wall-clock times (0, or
-``0x80000000 | uptime``, §6.2) get estimated times: from the bridge's last disconnect from the
-pendant (it records only while no central is connected, §7), else "download time minus the
-stored audio's rough length"; such blocks are marked ``estimated`` and the journal says so.
+sync, since the drift accrued over that interval), at the first connection that found them: a
+transfer cut and finished on a later connection still corrects by the error the pendant's clock
+had while they were recorded, not by the near-zero one measured after the bridge had set it.
+Stamps that are not wall-clock times (0, or ``0x80000000 | uptime``, §6.2) get estimated times:
+from the bridge's last disconnect from the pendant (it records only while no central is
+connected, §7), else "download time minus the stored audio's rough length"; such blocks are
+marked ``estimated`` and the journal says so.
 
 **Hand-off.** ``consume()`` (a worker thread) reads the spool from the speech side's
 ``resume_cursor()``, decodes each record with a decoder that is fresh at each run start, and
@@ -282,12 +285,42 @@ class PendantSync:
     async def _write(self, client: BleakClient, data: bytes) -> None:
         await client.write_gatt_char(st.STORAGE_DATA, data, response=True)
 
+    def _note_clock_epoch(self, source: str, write_seq: int, fetched: int) -> None:
+        """Remember which clock correction the ring's records up to ``write_seq`` need.
+
+        Records are stamped by the pendant's clock as it was while they were recorded: those
+        recorded before an earlier connection's time sync need that connection's offset, not
+        this one's (which only measures the drift since). A transfer cut before it got them all
+        leaves such records for a later connection, so each connection that finds new records
+        notes its clock against the write position it found (the firmware records nothing while
+        connected, omi-storage.md §7)."""
+        epochs = self.spool.state.setdefault("clock_epochs", {}).setdefault(source, [])
+        epochs[:] = [e for e in epochs if int(e[0]) > fetched]
+        if not epochs or write_seq > int(epochs[-1][0]):
+            epochs.append([write_seq, dict(self._clock_info)])
+
+    def _clock_parts(self, records: list[bytes], source: str,
+                     source_start: int) -> list[tuple[int, int, dict[str, float | None]]]:
+        """``records`` split where the clock they were stamped by changes: (first, end, clock)."""
+        epochs = self.spool.state.get("clock_epochs", {}).get(source) or []
+        parts: list[tuple[int, int, dict[str, float | None]]] = []
+        first, end = 0, len(records)
+        for bound, clock in epochs:
+            upto = min(end, int(bound) - source_start)
+            if upto > first:
+                parts.append((first, upto, clock))
+                first = upto
+        if first < end:
+            parts.append((first, end, self._clock_info))
+        return parts
+
     async def _durable(self, records: list[bytes], source: str, source_start: int, codec: int,
                        result: SyncResult) -> None:
         if not records:
             return
-        await asyncio.to_thread(self.spool.append, list(records), source, source_start, codec,
-                                self._clock_info)
+        for first, end, clock in self._clock_parts(records, source, source_start):
+            await asyncio.to_thread(self.spool.append, list(records[first:end]), source,
+                                    source_start + first, codec, clock)
         result.records += len(records)
         result.bytes += len(records) * st.RECORD_BYTES
         self.status.fetched_bytes = result.bytes
@@ -361,6 +394,7 @@ class PendantSync:
                          "stamps gets estimated times", self.label)
         self._clock_info["estimate_start"] = self._clock_info.get("estimate_start") or (
             self.clock() - unread * RECORD_SECONDS_ESTIMATE)
+        self._note_clock_epoch(source, ring.write_seq, fetched)
         _LOGGER.info("%s offline sync: %d records (%.0f kB, ≈ %.0f s of audio) stored, ring "
                      "protocol%s", self.label, unread, unread * st.RECORD_BYTES / 1000,
                      unread * RECORD_SECONDS_ESTIMATE, f" v{ring.version}" if ring.version else "")
