@@ -27,7 +27,8 @@ from test_speech_pipeline import WER_FACTOR, WER_SLACK
 from bench.common import wer
 from bridge.audio.files import decode_file
 from bridge.core.pcm import SAMPLE_RATE
-from bridge.devices.omi.sync import CHECKPOINT_RECORDS, Spool, pendant_dir
+from bridge.devices.omi.chunks import Spool, pendant_dir
+from bridge.devices.omi.transfers import CHECKPOINT_RECORDS
 
 pytestmark = [pytest.mark.asr,
               pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")]

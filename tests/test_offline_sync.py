@@ -246,7 +246,7 @@ async def test_bad_input_is_named_in_the_journal_and_nothing_is_cleared(fake_blu
     finally:
         stop.set()
         await asyncio.wait_for(task, TIMEOUT)
-    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bridge.devices.omi.sync")]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bridge.devices.omi.")]
     text = "\n".join(lines)
     assert "pendant" in text
     assert live.samples > SAMPLE_RATE, "live audio kept streaming"

@@ -49,85 +49,28 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from bleak import BleakClient
 
-from bridge.audio.codecs import OPUS_FRAME_SAMPLES, Decoder, make_decoder
+from bridge.audio.codecs import Decoder, make_decoder
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredAudioSink, StoredBlock, SyncStatus
 from bridge.core.times import iso_seconds
 from bridge.devices.omi import storage as st
+from bridge.devices.omi import transfers
 from bridge.devices.omi.chunks import ChunkMeta, Spool, pendant_dir
 from bridge.devices.omi.timing import TimePlacer
+from bridge.devices.omi.transfers import (
+    BYTES_PER_AUDIO_SECOND,
+    RECORD_SECONDS_ESTIMATE,
+    SyncAborted,
+    SyncResult,
+)
 from bridge.link.notify import BatchedNotifications
 
 _LOGGER = logging.getLogger(__name__)
-
-
-RING_BATCH_RECORDS = 1000
-"""Records per READ (≈ 100 s of audio, ≈ 440 kB): each batch is committed and advanced on its
-own, so a cut costs at most one batch of re-reading (omi-storage.md §10 step 6)."""
-CHECKPOINT_RECORDS = 64
-"""Records made durable at a time inside a batch (≈ 28 kB, ≈ 6 s of audio): a cut resumes from
-here, and speech starts on them before the batch is over."""
-ANSWER_TIMEOUT = 10.0
-"""Wait for an answer to a command: the firmware takes up to 5 s for the SD card after a connect
-and 5 s more before answering INFO/READ (omi-storage.md §8, §10 step 5)."""
-DATA_TIMEOUT = 5.0
-"""No data for this long inside a transfer: give up this sync (omi-storage.md §8, §10 step 7)."""
-RECORD_SECONDS_ESTIMATE = 0.1
-"""Rough audio per 444-byte record (≈ 5 frames of ≈ 80 B, omi-storage.md §8); only for the
-'waiting' figure and for estimating times when no better anchor exists."""
-BYTES_PER_AUDIO_SECOND = 4_400
-"""Rough bytes of stored Opus per second of audio (omi-storage.md §8), for status."""
-FILE_DATA_MAX = 440
-"""Multi-file data chunk: min(MTU − 7, 440) bytes of audio (omi-storage.md §4)."""
-DEFAULT_FRAME_SAMPLES = 320
-"""Codec 21 (20 ms) when a codec byte is not Opus (omi-storage.md §6.3)."""
-
-
-class SyncAborted(Exception):
-    """This connection's sync stops; the message is the journal line's reason."""
-
-
-# --------------------------------------------------------------------------------------------
-# Notifications on the storage characteristic
-
-
-class _Answers:
-    """Every notification on ``30295781`` in arrival order (omi-storage.md §10 step 3)."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def on_batch(self, packets: list[bytes], _at: float) -> None:
-        for p in packets:
-            self.queue.put_nowait(bytes(p))
-
-    async def next(self, timeout: float, what: str) -> bytes:
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            raise SyncAborted(f"no answer {what} within {timeout:g} s") from None
-
-    def drain(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-
-
-@dataclass
-class SyncResult:
-    """What one sync did (``omi-bridge sync`` prints it)."""
-
-    protocol: str | None
-    bytes: int = 0
-    records: int = 0
-    seconds: float = 0.0
-    complete: bool = False
-    error: str | None = None
 
 
 ProgressFn = Callable[[SyncStatus], None]
@@ -158,7 +101,7 @@ class PendantSync:
         self._decoder: Decoder | None = None
         self._read_cursor: int | None = None
         self._ended_at: int | None = None
-        self._clock_info: dict[str, float | None] = {}
+        self.clock_info: dict[str, float | None] = {}
         self._client: BleakClient | None = None
         self._active = False
 
@@ -172,7 +115,7 @@ class PendantSync:
         if pendant_time is not None and pendant_time >= st.MIN_VALID_EPOCH:
             offset = round(bridge_time - pendant_time, 3)
         self.status.clock_offset_seconds = offset
-        self._clock_info = {"received_at": bridge_time, "offset": offset,
+        self.clock_info = {"received_at": bridge_time, "offset": offset,
                             "pendant_now": None if pendant_time is None else float(pendant_time),
                             "last_time_sync": state.get("last_time_sync"),
                             "estimate_start": state.get("last_disconnect")}
@@ -219,7 +162,7 @@ class PendantSync:
             self.status.state, self.status.last_error = "off", result.error
             return result
         self.spool.state["protocol"] = generation.value
-        answers = _Answers()
+        answers = transfers.Answers()
         notes = BatchedNotifications(f"{self.label} storage", answers.on_batch, period=0.05)
         self._active = True
         self._client = client
@@ -230,11 +173,11 @@ class PendantSync:
             assert char is not None
             await notes.async_start(client, char)
             if generation is st.Generation.RING:
-                await self._ring(client, answers, codec, result)
+                await transfers.ring(self, client, answers, codec, result)
             elif generation is st.Generation.MULTI_FILE:
-                await self._multi_file(client, answers, codec, mtu, result)
+                await transfers.multi_file(self, client, answers, codec, mtu, result)
             else:
-                await self._legacy(client, answers, codec, result)
+                await transfers.legacy(self, client, answers, codec, result)
         except SyncAborted as exc:
             result.error = str(exc)
             self.status.last_error = result.error
@@ -282,10 +225,10 @@ class PendantSync:
             self._progress()
         return result
 
-    async def _write(self, client: BleakClient, data: bytes) -> None:
+    async def write_command(self, client: BleakClient, data: bytes) -> None:
         await client.write_gatt_char(st.STORAGE_DATA, data, response=True)
 
-    def _note_clock_epoch(self, source: str, write_seq: int, fetched: int) -> None:
+    def note_clock_epoch(self, source: str, write_seq: int, fetched: int) -> None:
         """Remember which clock correction the ring's records up to ``write_seq`` need.
 
         Records are stamped by the pendant's clock as it was while they were recorded: those
@@ -297,7 +240,7 @@ class PendantSync:
         epochs = self.spool.state.setdefault("clock_epochs", {}).setdefault(source, [])
         epochs[:] = [e for e in epochs if int(e[0]) > fetched]
         if not epochs or write_seq > int(epochs[-1][0]):
-            epochs.append([write_seq, dict(self._clock_info)])
+            epochs.append([write_seq, dict(self.clock_info)])
 
     def _clock_parts(self, records: list[bytes], source: str,
                      source_start: int) -> list[tuple[int, int, dict[str, float | None]]]:
@@ -311,10 +254,10 @@ class PendantSync:
                 parts.append((first, upto, clock))
                 first = upto
         if first < end:
-            parts.append((first, end, self._clock_info))
+            parts.append((first, end, self.clock_info))
         return parts
 
-    async def _durable(self, records: list[bytes], source: str, source_start: int, codec: int,
+    async def make_durable(self, records: list[bytes], source: str, source_start: int, codec: int,
                        result: SyncResult) -> None:
         if not records:
             return
@@ -334,342 +277,12 @@ class PendantSync:
             except Exception:
                 _LOGGER.exception("%s sync progress callback failed", self.label)
 
-    def _waiting(self, records: int | None, nbytes: int | None = None) -> None:
+    def set_waiting(self, records: int | None, nbytes: int | None = None) -> None:
         if records is not None:
             nbytes = records * st.RECORD_BYTES
         self.status.waiting_bytes = nbytes
         self.status.waiting_audio_seconds = None if nbytes is None else round(
             nbytes / BYTES_PER_AUDIO_SECOND, 1)
-
-    # ------------------------------------------------------------------ ring (§3)
-
-    async def _ring(self, client: BleakClient, answers: _Answers, codec: int,
-                    result: SyncResult) -> None:
-        raw = await client.read_gatt_char(st.STORAGE_STATUS)
-        status = st.parse_ring_status(bytes(raw))
-        await self._write(client, st.ring_info_cmd())
-        info = await self._ring_answer(answers, st.TAG_INFO, "to INFO")
-        ring = st.parse_ring_info(info)
-        state = self.spool.state
-        if ring.caps & st.CAP_RING_ID and ring.ring_id:
-            source = f"r{ring.ring_id:016x}"
-        else:
-            source = f"e{state['epoch']}"
-        fetched = self.spool.fetched(source)
-        if fetched is not None and fetched > ring.write_seq:
-            # Sequence numbers restart at 0 after a CLEAR or a metadata re-init (§3.1).
-            state["epoch"] = int(state["epoch"]) + 1
-            source, fetched = f"e{state['epoch']}", None
-            _LOGGER.warning("%s storage was reset (its write position %d is behind what the bridge "
-                            "already holds); reading it afresh", self.label, ring.write_seq)
-        dropped_seen = int(state.get("dropped", {}).get(source, 0))
-        if ring.dropped_packets > dropped_seen:
-            lost = ring.dropped_packets - dropped_seen
-            _LOGGER.warning("%s storage was full: it overwrote its %d oldest records (≈ %.0f s of "
-                            "audio) before the bridge could fetch them", self.label, lost,
-                            lost * RECORD_SECONDS_ESTIMATE)
-        state.setdefault("dropped", {})[source] = ring.dropped_packets
-        if status.free_bytes == 0 and ring.unread:
-            _LOGGER.warning("%s storage is full; it overwrites the oldest audio until the sync "
-                            "frees space", self.label)
-        if fetched is None or fetched < ring.read_seq:
-            if fetched is not None:
-                _LOGGER.warning("%s freed records %d..%d before the bridge had them (older ring "
-                                "firmware frees what it sends, §3.7); they are lost", self.label,
-                                fetched, ring.read_seq)
-            fetched = ring.read_seq
-        elif fetched > ring.read_seq:
-            # On disk already but the pendant still holds them: the last ADVANCE never landed.
-            await self._ring_advance(client, answers, fetched, ring)
-        unread = ring.write_seq - fetched
-        self._waiting(unread)
-        self.status.total_bytes = unread * st.RECORD_BYTES
-        if unread == 0:
-            _LOGGER.info("%s offline sync: nothing stored (ring firmware, clock %s)", self.label,
-                         "valid" if status.rtc_valid else "not set")
-            result.complete = True
-            return
-        if not status.rtc_valid:
-            _LOGGER.info("%s clock was not set before this connection; stored audio without valid "
-                         "stamps gets estimated times", self.label)
-        self._clock_info["estimate_start"] = self._clock_info.get("estimate_start") or (
-            self.clock() - unread * RECORD_SECONDS_ESTIMATE)
-        self._note_clock_epoch(source, ring.write_seq, fetched)
-        _LOGGER.info("%s offline sync: %d records (%.0f kB, ≈ %.0f s of audio) stored, ring "
-                     "protocol%s", self.label, unread, unread * st.RECORD_BYTES / 1000,
-                     unread * RECORD_SECONDS_ESTIMATE, f" v{ring.version}" if ring.version else "")
-        t0 = time.monotonic()
-        while fetched < ring.write_seq:
-            count = min(RING_BATCH_RECORDS, ring.write_seq - fetched)
-            fetched = await self._ring_batch(client, answers, source, fetched, count, codec, result)
-            await self._ring_advance(client, answers, fetched, ring)
-            self._waiting(ring.write_seq - fetched)
-            elapsed = time.monotonic() - t0
-            self.status.rate_bytes_per_second = round(result.bytes / elapsed, 1) if elapsed > 0 else 0.0
-        result.complete = True
-        _LOGGER.info("%s offline sync done: %d records, %.0f kB in %.1f s", self.label,
-                     result.records, result.bytes / 1000, time.monotonic() - t0)
-
-    async def _ring_answer(self, answers: _Answers, tag: int, what: str) -> bytes:
-        """The next notification with ``tag``; an ACK with an error status (or a tag not in the
-        protocol) ends the sync; LIVE_MARK and stray DATA are ignored (§3.4, §10 step 3)."""
-        while True:
-            pkt = await answers.next(ANSWER_TIMEOUT, what)
-            if not pkt:
-                raise st.StorageProtocolError(f"an empty notification {what}")
-            if pkt[0] == tag:
-                return pkt
-            if pkt[0] == st.TAG_ACK:
-                code = pkt[1] if len(pkt) > 1 else -1
-                if tag == st.TAG_ACK:
-                    return pkt
-                raise SyncAborted(f"the pendant answered {what} with status {code} "
-                                  f"({st.RING_STATUS_TEXT.get(code, 'unknown')})")
-            if pkt[0] in (st.TAG_LIVE_MARK, st.TAG_DATA, st.TAG_DONE, st.TAG_INFO, st.TAG_READ_BEGIN):
-                continue
-            raise st.StorageProtocolError(f"unknown answer tag 0x{pkt[0]:02x} ({len(pkt)} bytes) {what}")
-
-    async def _ring_advance(self, client: BleakClient, answers: _Answers, seq: int,
-                            ring: st.RingInfo) -> None:
-        """Free everything below ``seq``; only ever called for records already durable."""
-        ring_id = ring.ring_id if ring.caps & st.CAP_RING_ID else None
-        await self._write(client, st.ring_advance_cmd(seq, ring_id))
-        ack = await self._ring_answer(answers, st.TAG_ACK, "to ADVANCE")
-        code = ack[1] if len(ack) > 1 else -1
-        if code == st.STATUS_OUT_OF_RANGE and seq <= ring.write_seq:
-            _LOGGER.debug("%s ADVANCE %d answered 10: already freed (§3.7)", self.label, seq)
-        elif code != st.STATUS_OK:
-            raise SyncAborted(f"ADVANCE to {seq} answered status {code} "
-                              f"({st.RING_STATUS_TEXT.get(code, 'unknown')})")
-
-    async def _ring_batch(self, client: BleakClient, answers: _Answers, source: str, start: int,
-                          count: int, codec: int, result: SyncResult) -> int:
-        """READ ``count`` records from ``start``; returns the sequence after the last durable one."""
-        await self._write(client, st.ring_read_cmd(start, count))
-        begin = st.parse_read_begin(await self._ring_answer(answers, st.TAG_READ_BEGIN, "to READ"))
-        if begin.start_seq != start:
-            raise st.StorageProtocolError(f"READ from {start} began at {begin.start_seq}")
-        buf = bytearray()
-        pending: list[bytes] = []
-        pending_seq = start
-        crc = 0
-        total = 0
-        while True:
-            pkt = await answers.next(DATA_TIMEOUT, "during the transfer")
-            if not pkt:
-                continue
-            tag = pkt[0]
-            if tag == st.TAG_DATA:
-                payload = pkt[1:]
-                crc = st.crc32(payload, crc)
-                total += len(payload)
-                buf += payload
-                while len(buf) >= st.RECORD_BYTES:
-                    pending.append(bytes(buf[:st.RECORD_BYTES]))
-                    del buf[:st.RECORD_BYTES]
-                if len(pending) >= CHECKPOINT_RECORDS:
-                    self._check_records(pending, pending_seq)
-                    await self._durable(pending, source, pending_seq, codec, result)
-                    pending_seq += len(pending)
-                    pending = []
-                continue
-            if tag == st.TAG_DONE:
-                done = st.parse_done(pkt)
-                break
-            if tag == st.TAG_ACK:
-                code = pkt[1] if len(pkt) > 1 else -1
-                self._check_records(pending, pending_seq)
-                await self._durable(pending, source, pending_seq, codec, result)
-                raise SyncAborted(f"the pendant stopped the transfer with status {code} "
-                                  f"({st.RING_STATUS_TEXT.get(code, 'unknown')})")
-            if tag == st.TAG_LIVE_MARK:
-                continue
-            raise st.StorageProtocolError(f"unknown tag 0x{tag:02x} ({len(pkt)} bytes) during the transfer")
-        sent = done.next_seq - start
-        if done.crc is not None and done.crc != crc:
-            raise SyncAborted(f"the transfer's CRC does not match (pendant {done.crc:08x}, "
-                              f"received {crc:08x}); the batch is not freed")
-        self._check_records(pending, pending_seq)
-        await self._durable(pending, source, pending_seq, codec, result)
-        pending_seq += len(pending)
-        if buf or total != sent * st.RECORD_BYTES or done.status != st.STATUS_OK:
-            why = (f"status {done.status} ({st.RING_STATUS_TEXT.get(done.status, 'unknown')})"
-                   if done.status != st.STATUS_OK else
-                   f"{total} bytes for {sent} records of {st.RECORD_BYTES} (truncated)")
-            raise SyncAborted(f"the transfer from {start} ended early: {why}; the "
-                              f"{pending_seq - start} whole records received are kept")
-        return pending_seq
-
-    def _check_records(self, records: list[bytes], first_seq: int) -> None:
-        """A frame length running past its record is corruption in the ring (frames never span
-        records, §3.1): say so; the record's other frames are kept."""
-        for i, rec in enumerate(records):
-            block = rec[st.RECORD_HEADER_BYTES:]
-            j = 0
-            while j < len(block):
-                n = block[j]
-                if n == 0:
-                    j += 1
-                    continue
-                if j + 1 + n > len(block):
-                    _LOGGER.warning("%s stored record %d: a frame length (%d at byte %d) runs past "
-                                    "the record; that frame is skipped, the rest kept", self.label,
-                                    first_seq + i, n, j)
-                    break
-                j += 1 + n
-
-    # ------------------------------------------------------------------ multi-file (§4)
-
-    async def _multi_file(self, client: BleakClient, answers: _Answers, codec: int,
-                          mtu: int | None, result: SyncResult) -> None:
-        await self._write(client, bytes([st.CMD_LIST_FILES]))
-        files = st.parse_file_list(await answers.next(ANSWER_TIMEOUT, "to LIST_FILES"))
-        total = sum(f.size for f in files)
-        self._waiting(None, total)
-        self.status.total_bytes = total
-        if not files:
-            _LOGGER.info("%s offline sync: nothing stored (multi-file firmware)", self.label)
-            result.complete = True
-            return
-        _LOGGER.info("%s offline sync: %d files, %.0f kB, multi-file protocol", self.label,
-                     len(files), total / 1000)
-        done_files: list[st.StoredFile] = []
-        for f in files:
-            await self._read_file(client, answers, f, codec, result)
-            done_files.append(f)
-        # Indices shift down after a delete: highest first (§4). Only files wholly on disk.
-        for f in sorted(done_files, key=lambda f: f.index, reverse=True):
-            await self._write(client, st.delete_file_cmd(f.index))
-            code = (await answers.next(ANSWER_TIMEOUT, "to DELETE_FILE"))[:1]
-            if code != bytes([st.FILE_ACK]):
-                raise SyncAborted(f"DELETE_FILE {f.index} answered {code.hex() or 'nothing'}")
-        result.complete = True
-
-    async def _read_file(self, client: BleakClient, answers: _Answers, f: st.StoredFile, codec: int,
-                         result: SyncResult) -> None:
-        source = f"f{f.stamp:08x}"
-        blocks_done = self.spool.fetched(source) or 0
-        offset = blocks_done * st.BLOCK_BYTES
-        if offset >= f.size:
-            return  # on disk from an earlier, cut sync
-        await self._write(client, st.read_file_cmd(f.index, offset))
-        buf = bytearray()
-        pending: list[bytes] = []
-        got = offset
-        frame_seconds = _frame_seconds(codec)
-        frames_before = self.spool.state.setdefault("file_frames", {}).get(source, 0)
-        acked = False
-        while True:
-            pkt = await answers.next(DATA_TIMEOUT if acked else ANSWER_TIMEOUT, "during a file read")
-            if len(pkt) == 1:
-                code = pkt[0]
-                if code == st.FILE_ACK and not acked:
-                    acked = True
-                    continue
-                if code == st.FILE_END:
-                    break
-                raise SyncAborted(f"file {f.index} answered {code} "
-                                  f"({st.FILE_STATUS_TEXT.get(code, 'unknown command answer')})")
-            if len(pkt) <= st.FILE_DATA_HEADER_BYTES:
-                raise st.StorageProtocolError(f"a {len(pkt)}-byte file data notification")
-            acked = True
-            buf += pkt[st.FILE_DATA_HEADER_BYTES:]
-            got += len(pkt) - st.FILE_DATA_HEADER_BYTES
-            while len(buf) >= st.BLOCK_BYTES:
-                block = bytes(buf[:st.BLOCK_BYTES])
-                del buf[:st.BLOCK_BYTES]
-                stamp = f.stamp + int(frames_before * frame_seconds)
-                frames_before += sum(1 for _ in st.iter_frames(block))
-                pending.append(st.make_record(stamp, block))
-            if len(pending) >= CHECKPOINT_RECORDS:
-                self.spool.state["file_frames"][source] = frames_before
-                await self._durable(pending, source, blocks_done, codec, result)
-                blocks_done += len(pending)
-                pending = []
-        if buf:
-            stamp = f.stamp + int(frames_before * frame_seconds)
-            frames_before += sum(1 for _ in st.iter_frames(bytes(buf)))
-            pending.append(st.make_record(stamp, bytes(buf)))
-        self.spool.state["file_frames"][source] = frames_before
-        await self._durable(pending, source, blocks_done, codec, result)
-        if got < f.size:
-            raise SyncAborted(f"file {f.index} ended after {got} of {f.size} bytes (truncated); "
-                              "what arrived is kept, the file is not deleted")
-
-    # ------------------------------------------------------------------ legacy (§5)
-
-    async def _legacy(self, client: BleakClient, answers: _Answers, codec: int,
-                      result: SyncResult) -> None:
-        status = st.parse_legacy_status(bytes(await client.read_gatt_char(st.STORAGE_STATUS)))
-        state = self.spool.state
-        source = f"legacy{state['epoch']}"
-        blocks_done = self.spool.fetched(source) or 0
-        offset = blocks_done * st.BLOCK_BYTES
-        if offset > status.file_size:
-            state["epoch"] = int(state["epoch"]) + 1
-            source, blocks_done, offset = f"legacy{state['epoch']}", 0, 0
-        remaining = status.file_size - offset
-        self._waiting(None, remaining)
-        self.status.total_bytes = remaining
-        if remaining <= 0:
-            _LOGGER.info("%s offline sync: nothing stored (legacy firmware)", self.label)
-            if status.file_size and offset >= status.file_size:
-                await self._legacy_delete(client, answers, source)
-            result.complete = True
-            return
-        _LOGGER.info("%s offline sync: %.0f kB stored, legacy protocol (no time stamps: times "
-                     "are estimated)", self.label, remaining / 1000)
-        # No stamps at all (§5, §6.2): place it from the last disconnect, else "now − length".
-        self._clock_info["estimate_start"] = self._clock_info.get("estimate_start") or (
-            self.clock() - remaining / BYTES_PER_AUDIO_SECOND)
-        await self._write(client, st.legacy_cmd(st.LEGACY_READ, offset))
-        buf = bytearray()
-        pending: list[bytes] = []
-        got = offset
-        acked = False
-        while True:
-            pkt = await answers.next(DATA_TIMEOUT if acked else ANSWER_TIMEOUT, "during the read")
-            if len(pkt) == 1:
-                code = pkt[0]
-                if code == st.LEGACY_OK and not acked:
-                    acked = True
-                    continue
-                if code == st.LEGACY_END:
-                    break
-                raise SyncAborted(f"the read answered {code} "
-                                  f"({st.LEGACY_STATUS_TEXT.get(code, 'unknown command answer')})")
-            acked = True
-            buf += pkt
-            got += len(pkt)
-            while len(buf) >= st.BLOCK_BYTES:
-                pending.append(st.make_record(0, bytes(buf[:st.BLOCK_BYTES])))
-                del buf[:st.BLOCK_BYTES]
-            if len(pending) >= CHECKPOINT_RECORDS:
-                await self._durable(pending, source, blocks_done, codec, result)
-                blocks_done += len(pending)
-                pending = []
-        if buf:
-            pending.append(st.make_record(0, bytes(buf)))
-        await self._durable(pending, source, blocks_done, codec, result)
-        if got < status.file_size:
-            raise SyncAborted(f"the file ended after {got} of {status.file_size} bytes (truncated); "
-                              "what arrived is kept, the file is not deleted")
-        await self._legacy_delete(client, answers, source)
-        result.complete = True
-
-    async def _legacy_delete(self, client: BleakClient, answers: _Answers, source: str) -> None:
-        await self._write(client, st.legacy_cmd(st.LEGACY_DELETE))
-        while True:
-            pkt = await answers.next(ANSWER_TIMEOUT, "to DELETE")
-            if pkt == bytes([st.LEGACY_DELETED]):
-                break
-            if pkt != bytes([st.LEGACY_OK]):
-                raise SyncAborted(f"DELETE answered {pkt.hex()}")
-        # Offsets restart at 0 in the emptied file: a new epoch.
-        self.spool.state["epoch"] = int(self.spool.state["epoch"]) + 1
-        await asyncio.to_thread(self.spool.save_state)
-
-    # ------------------------------------------------------------------ the reading side
 
     async def run_consumer(self, stop: asyncio.Event) -> None:
         """Hand durable records to speech whenever new ones arrive, until ``stop``."""
@@ -739,10 +352,6 @@ class PendantSync:
     def pending_seconds(self) -> float:
         """Rough audio fetched to disk and not yet handed to speech."""
         return self.spool.pending_records(self.sink.resume_cursor()) * RECORD_SECONDS_ESTIMATE
-
-
-def _frame_seconds(codec: int) -> float:
-    return OPUS_FRAME_SAMPLES.get(codec, DEFAULT_FRAME_SAMPLES) / SAMPLE_RATE
 
 
 def read_pendant_time(raw: bytes) -> int | None:
