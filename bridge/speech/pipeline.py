@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
-import os
 import shutil
 import sqlite3
 import threading
@@ -38,6 +36,7 @@ from bridge.core.records import Conversation, Segment
 from bridge.speech import spool
 from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
+from bridge.speech.diskguard import DiskGuard, DiskPause
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
@@ -53,42 +52,6 @@ HAND_ON_RETRY_MAX_SECONDS = 60.0
 after this back-off, doubling per failure in a row."""
 QUARANTINE_DIR = "quarantine"
 """Under [storage] dir: quarantine/<device>/<conversation>/<utterance>.pcm, .json, .error.json."""
-DISK_CHECK_SECONDS = 1.0
-"""While capture is paused for a full disk, how often the free space is looked at (in seconds
-of audio, which arrives in real time while a device is connected)."""
-DISK_RESUME_FREE_BYTES = 1 << 20
-"""Capture resumes with at least this much free: 32 s of speech at 16 kHz, so one utterance does
-not fill the disk again at once."""
-DISK_PROBE_BYTES = 64 * 1024
-"""Written (and removed) before resuming: free space says nothing about a disk that went away."""
-
-
-@dataclass(frozen=True)
-class DiskPause:
-    """Capture of one device paused because its spool could not be written."""
-
-    since: datetime
-    path: str
-    free_bytes: int
-    error: str
-
-    def describe(self) -> str:
-        """For ``status``: what a user reads."""
-        when = self.since.astimezone().strftime("%H:%M")
-        return f"capture paused since {when}: {self.error} in {self.path} ({_size(self.free_bytes)} free)"
-
-
-def _free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
-
-
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
 
@@ -164,11 +127,8 @@ class SpeechPipeline:
         self._glue = int(GAP_SECONDS * SAMPLE_RATE)
         self.emitted = 0
         """Conversations handed on."""
-        self.disk_paused: DiskPause | None = None
-        """Set while capture is paused because the spool cannot be written (full disk)."""
-        self.disk_pauses = 0
-        """Pauses for the disk that ended since start."""
-        self._disk_checked = 0
+        self.disk = DiskGuard(self.dir, self.label)
+        """Whether capture is paused for a full disk (``disk_paused``), and when it may resume."""
         self._unhanded: list[OpenConversation] = []
         """Finished conversations the outbox could not take yet (retried on a timer)."""
         self._hand_on_timer: threading.Timer | None = None
@@ -178,6 +138,16 @@ class SpeechPipeline:
         self.quarantined = sum(1 for _ in self.quarantine_dir.glob("*/*.pcm"))
         """Utterances in the quarantine folder (this run's and earlier ones')."""
         self._resumable: _Resumable | None = None
+
+    @property
+    def disk_paused(self) -> DiskPause | None:
+        """Set while capture is paused because the spool cannot be written (full disk)."""
+        return self.disk.paused
+
+    @property
+    def disk_pauses(self) -> int:
+        """Pauses for the disk that ended since start."""
+        return self.disk.pauses
 
     # ------------------------------------------------------------------ public
 
@@ -199,7 +169,7 @@ class SpeechPipeline:
 
     def _frames(self, data: np.ndarray, ready: list[OpenConversation]) -> None:
         frames = data.reshape(-1, FRAME_SAMPLES)
-        if self.disk_paused is not None and not self._disk_back():
+        if self.disk.paused is not None and not self.disk.back(self.samples):
             self.samples += len(frames) * FRAME_SAMPLES  # the timeline goes on; nothing is spooled
             return
         for i, (frame, prob) in enumerate(zip(frames, self._vad.probs(frames), strict=True)):
@@ -213,7 +183,7 @@ class SpeechPipeline:
     def _spool_failed(self, exc: OSError) -> None:
         """Disk full or gone: pause capture for this device (the link stays up, the timeline goes
         on) rather than write torn files; what the utterance in progress has on disk is kept as
-        an utterance. Capture resumes by itself once space is back (``_disk_back``)."""
+        an utterance. Capture resumes by itself once space is back (``DiskGuard.back``)."""
         if self._utt is not None:
             open_utt, self._utt = self._utt, None
             samples = open_utt.writer.abandon()
@@ -234,44 +204,7 @@ class SpeechPipeline:
                 with contextlib.suppress(OSError):
                     conv.drop_utterance_files(utt.key)
         self._ep = Endpointer(self.config.vad)  # speech resumes from silence after the pause
-        free = _free_bytes(self.dir)
-        self.disk_paused = DiskPause(since=datetime.now(UTC), path=str(self.dir), free_bytes=free,
-                                     error=f"{exc.strerror or exc}")
-        self._disk_checked = self.samples
-        _LOGGER.error("%s: cannot write speech to %s (%s, %s free); capture for this device is "
-                      "paused and resumes by itself once there is space — free some space there "
-                      "or move [storage] dir", self.label, self.dir, exc.strerror or exc,
-                      _size(free))
-
-    def _disk_back(self) -> bool:
-        """While paused for the disk: look again (once a second of audio) whether a file can be
-        written."""
-        pause = self.disk_paused
-        assert pause is not None
-        if self.samples - self._disk_checked < DISK_CHECK_SECONDS * SAMPLE_RATE:
-            return False
-        self._disk_checked = self.samples
-        free = _free_bytes(self.dir)
-        if free < DISK_RESUME_FREE_BYTES:
-            self.disk_paused = dataclasses.replace(pause, free_bytes=free)
-            return False
-        probe = self.dir / ".space-probe"
-        try:
-            with open(probe, "wb") as f:
-                f.write(bytes(DISK_PROBE_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
-        paused = (datetime.now(UTC) - pause.since).total_seconds()
-        _LOGGER.warning("%s: %s has space again (%s free); capture resumes after %.0f s paused",
-                        self.label, self.dir, _size(free), paused)
-        self.disk_paused = None
-        self.disk_pauses += 1
-        return True
+        self.disk.pause(exc, self.samples)
 
     def close(self) -> None:
         """The stream ends: finish the utterance and the conversation in progress. Their
