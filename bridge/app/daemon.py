@@ -144,7 +144,8 @@ class Daemon:
         from bridge.outbox.sender import Sender
         from bridge.outbox.store import Outbox
         from bridge.speech.asr.worker import AsrWorker
-        from bridge.speech.pipeline import SpeechPipeline, recover_orphans
+        from bridge.speech.orphans import recover_orphans
+        from bridge.speech.pipeline import SpeechPipeline
 
         release_locks = acquire_daemon_locks(self.storage, self.state_dir)
         tasks: list[asyncio.Task[Any]] = []

@@ -135,6 +135,31 @@ class OpenConversation:
         spool.write_json(self.meta_path(utt.key),
                          {"offset": utt.offset, "samples": utt.samples if complete else None})
 
+    def load_utterances(self, *, keep_cut: bool) -> Utterance | None:
+        """Read the spooled utterances of a conversation a previous run left (``load``); drop
+        what holds no audio. With ``keep_cut`` the utterance still being spoken when the process
+        died (its length never saved) is returned instead of being taken as it is."""
+        cut: Utterance | None = None
+        for meta in sorted(self.dir.glob("u*.json")):
+            key = meta.stem
+            data = spool.read_json(meta)
+            pcm = self.pcm_path(key)
+            if data is None or not pcm.exists() or key in self.done:
+                self.drop_utterance_files(key)
+                continue
+            on_disk = spool.pcm_samples(pcm)
+            samples = on_disk if data["samples"] is None else min(data["samples"], on_disk)
+            if samples <= 0:
+                self.drop_utterance_files(key)
+                continue
+            utt = Utterance(key, int(data["offset"]), samples)
+            if keep_cut and data["samples"] is None:
+                cut = utt
+                continue
+            self.utterances[key] = utt
+            self.last_end = max(self.last_end, utt.offset + samples)
+        return cut
+
     def drop_utterance_files(self, key: str) -> None:
         for p in (self.pcm_path(key), self.meta_path(key)):
             p.unlink(missing_ok=True)

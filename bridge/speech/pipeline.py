@@ -250,25 +250,7 @@ class SpeechPipeline:
                 found += 1
                 self._convs[path] = conv
                 candidate = resume and not conv.closed and path == paths[-1]
-                cut: Utterance | None = None
-                for meta in sorted(path.glob("u*.json")):
-                    key = meta.stem
-                    data = spool.read_json(meta)
-                    pcm = conv.pcm_path(key)
-                    if data is None or not pcm.exists() or key in conv.done:
-                        conv.drop_utterance_files(key)
-                        continue
-                    on_disk = spool.pcm_samples(pcm)
-                    samples = on_disk if data["samples"] is None else min(data["samples"], on_disk)
-                    if samples <= 0:
-                        conv.drop_utterance_files(key)
-                        continue
-                    utt = Utterance(key, int(data["offset"]), samples)
-                    if candidate and data["samples"] is None:
-                        cut = utt  # still being spoken when the process died
-                        continue
-                    conv.utterances[key] = utt
-                    conv.last_end = max(conv.last_end, utt.offset + samples)
+                cut = conv.load_utterances(keep_cut=candidate)
                 if candidate and self._keep_open(conv, cut):
                     continue
                 conv.closed = True
@@ -649,26 +631,3 @@ class SpeechPipeline:
             # If we die between the callback and this removal, recover() hands it on again and
             # the outbox drops the duplicate by client_session_id.
             state.remove()
-
-
-def recover_orphans(config: Config, storage: Path, known: list[str], worker: AsrWorker,
-                    on_conversation: Callable[[Conversation], None]) -> list[SpeechPipeline]:
-    """Finish conversations spooled for devices not in ``known`` (unpaired since), so removing a
-    device from the config never silently drops what it had recorded. Returns the pipelines
-    still finishing them."""
-    spool_root = storage / spool.SPOOL_DIR
-    if not spool_root.is_dir():
-        return []
-    kept = {spool.device_dir(storage, address) for address in known}
-    pipelines = []
-    for folder in sorted(p for p in spool_root.iterdir() if p.is_dir() and p not in kept):
-        if not any(c.is_dir() for c in folder.iterdir()):
-            continue
-        pipeline = SpeechPipeline(folder.name, config, worker, on_conversation, label=folder.name,
-                                  storage=storage)
-        found = pipeline.recover()
-        if found:
-            _LOGGER.info("%s: %d conversation(s) of a device no longer configured recovered",
-                         folder.name, found)
-            pipelines.append(pipeline)
-    return pipelines
