@@ -8,7 +8,8 @@
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
 WER and ASR CPU vs whole-file Whisper and the community SDK's decoding, segment latency),
-delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon).
+delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon, with
+tiny.en and with remote ASR).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SUITE = {
     "capture": ("capture_cpu", "streams"),
     "quality": ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"),
     "delivery": ("delivery",),
-    "daemon": ("idle_cpu", "rss"),
+    "daemon": ("idle_cpu", "rss", "rss_remote"),
 }
 """Suite parts (modules under bench/, each with ``run(Results)``) and the rows each fills."""
 STANDALONE = ["link", *SUITE, "speech_live"]
