@@ -306,7 +306,8 @@ def remote_rss(res: Results, local: dict[str, Any], speech: np.ndarray | None) -
     what = "one silent pendant (--quick)" if speech is None else "one pendant transcribing one clip"
     server_what = "a stand-in server" if speech is None else "wyoming-faster-whisper in its own process"
     res.add("rss_remote", f"{with_:.0f} MB / {without:.0f} MB",
-            note=f"daemon VmHWM, {what}, backend = \"wyoming\" ({server_what}, not counted): with local-asr installed (Silero VAD loaded) {with_:.0f} MB, "
+            note=f"daemon VmHWM, {what}, backend = \"wyoming\" ({server_what}, not counted): "
+                 f"with local-asr installed (Silero VAD loaded) {with_:.0f} MB, "
                  f"without it (level VAD; 32-bit Pi OS) {without:.0f} MB; tiny.en in the daemon: "
                  f"{local['rss_mb']:.0f} MB")
     res.plots["rss"] = {**res.plots.get("rss", {}), "wyoming + Silero": with_,
