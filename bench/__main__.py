@@ -9,8 +9,13 @@
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
 WER and ASR CPU vs whole-file Whisper and the community SDK's decoding, segment latency),
+<<<<<<< HEAD
 delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon),
 server (streams per Wyoming server: several bridge processes into one wyoming-faster-whisper).
+=======
+delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon, with
+tiny.en and with remote ASR).
+>>>>>>> h6
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ SUITE = {
     "capture": ("capture_cpu", "streams"),
     "quality": ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"),
     "delivery": ("delivery",),
-    "daemon": ("idle_cpu", "rss"),
+    "daemon": ("idle_cpu", "rss", "rss_remote"),
     "server": ("server_streams", "server_cpu", "bridge_cpu"),
 }
 """Suite parts (modules under bench/, each with ``run(Results)``) and the rows each fills."""

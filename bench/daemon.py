@@ -12,6 +12,11 @@ loopback. Each pendant says one clip after a lead-in, then streams encoded digit
 - **Peak RSS**: the daemon process's peak resident set (``VmHWM``, read just before SIGTERM; see
   ``peak_rss_mb`` for why not ``ru_maxrss``) with one pendant and with four, each transcribing a
   clip; each extra device = the difference / 3.
+- **Peak RSS with remote ASR** (the Pi Zero 2 W's 512 MB, or 32-bit Pi OS): one pendant with
+  ``[asr] backend = "wyoming"`` and a real ``wyoming-faster-whisper`` on loopback (its own process,
+  not counted), so tiny.en is never loaded in the daemon. Twice: with the ``local-asr`` extra
+  installed (Silero VAD through onnxruntime is still loaded) and as installed without it
+  (onnxruntime, faster-whisper and ctranslate2 hidden from the daemon: the level VAD instead).
 
     python -m bench daemon [--quick]
 """
@@ -49,6 +54,16 @@ POLL = 0.2
 IDLE_GOAL_PERCENT = 1.0
 RSS_GOAL_MB = 450.0
 EXTRA_GOAL_MB = 20.0
+LOCAL_ASR_MODULES = ("onnxruntime", "faster_whisper", "ctranslate2")
+"""What the ``local-asr`` extra installs (pyproject.toml); hidden for the run "without local-asr"."""
+WITHOUT_LOCAL_ASR = (
+    "import sys\n"
+    f"for name in {LOCAL_ASR_MODULES!r}:\n"
+    # None in sys.modules: importing fails and find_spec says "not installed", as on armv7.
+    "    sys.modules[name] = None\n"
+    "from bridge.cli import main\n"
+    "sys.exit(main())\n")
+"""The daemon's entry point as it runs where the ``local-asr`` extra is not installed."""
 ADDRESSES = ("C0:FF:EE:00:BE:01", "C0:FF:EE:00:BE:02", "C0:FF:EE:00:BE:03", "C0:FF:EE:00:BE:04")
 
 
@@ -60,7 +75,7 @@ def write_wav(path: Path, pcm: np.ndarray) -> None:
         w.writeframes(pcm.astype("<i2").tobytes())
 
 
-def write_config(tmp: Path, addresses: list[str], api_url: str) -> Path:
+def write_config(tmp: Path, addresses: list[str], api_url: str, asr_uri: str | None = None) -> Path:
     text = "".join(f'[[devices]]\nkind = "omi"\naddress = "{a}"\nname = "bench-{i}"\n\n'
                    for i, a in enumerate(addresses))
     text += f"""[conversation]
@@ -77,6 +92,8 @@ api_key = "{KEY}"
 [storage]
 dir = "{tmp / 'state'}"
 """
+    if asr_uri is not None:
+        text += f'\n[asr]\nbackend = "wyoming"\nuri = "{asr_uri}"\n'
     path = tmp / "config.toml"
     path.write_text(text)
     path.chmod(0o600)
@@ -113,7 +130,8 @@ def sim_frames(bus: str, address: str) -> int:
 
 
 def session(n_devices: int, tmp: Path, *, speech: np.ndarray | None, idle_seconds: float,
-            idle_slices: int = 4, link_only: bool = False) -> dict[str, Any]:
+            idle_slices: int = 4, link_only: bool = False, asr_uri: str | None = None,
+            local_asr: bool = True) -> dict[str, Any]:
     """One daemon run; returns peak RSS (MB), idle CPU % per slice, frames streamed meanwhile."""
     addresses = list(ADDRESSES[:n_devices])
     wav = tmp / "pendant.wav"
@@ -130,8 +148,9 @@ def session(n_devices: int, tmp: Path, *, speech: np.ndarray | None, idle_second
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OMI_API_KEY", "OMI_BRIDGE_CONFIG",
                      "STATE_DIRECTORY", "RUNTIME_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM"):
             env.pop(name, None)
-        config = write_config(tmp, addresses, api.url)
-        daemon = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config", str(config)],
+        config = write_config(tmp, addresses, api.url, asr_uri)
+        entry = ["-m", "bridge"] if local_asr else ["-c", WITHOUT_LOCAL_ASR]
+        daemon = subprocess.Popen([sys.executable, *entry, "run", "--config", str(config)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         args = [sys.executable, "-m", "omi_bridge_sim", "--bus", bus.address]
         for a in addresses:
@@ -222,8 +241,8 @@ def listen_cpu(bus: str, env: dict[str, str], address: str, seconds: float, tmp:
                 proc.wait()
 
 
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-1500:] if path.exists() else ""
+def _tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 def run(res: Results) -> None:
@@ -251,6 +270,7 @@ def run(res: Results) -> None:
     if res.quick:
         res.add("rss", f"{one['rss_mb']:.0f} MB / not measured (--quick)",
                 note="quick: one silent pendant, no transcription")
+        remote_rss(res, one, None)
         return
     with tempfile.TemporaryDirectory(prefix="omi-bench-d4-") as tmp:
         four = session(4, Path(tmp), speech=speech, idle_seconds=0.0)
@@ -262,6 +282,37 @@ def run(res: Results) -> None:
                  "each transcribing one clip; (4 − 1) / 3 per extra device")
     res.plots["rss"] = {"1 device": one["rss_mb"], "4 devices": four["rss_mb"]}
     print(f"rss: one {one['rss_mb']:.0f} MB, four {four['rss_mb']:.0f} MB")
+    remote_rss(res, one, speech)
+
+
+def remote_rss(res: Results, local: dict[str, Any], speech: np.ndarray | None) -> None:
+    """The ``rss_remote`` row: one pendant with ``backend = "wyoming"``, with and without the
+    local-asr extra, next to ``local`` (the same pendant transcribed by tiny.en in the daemon)."""
+    from omi_bridge_sim.wyoming import FakeWyomingServer, WyomingServer
+
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="omi-bench-dw-") as tmp:
+        # The quick run's pendant is silent: nothing reaches the server, a stand-in will do.
+        server = FakeWyomingServer([]) if speech is None else WyomingServer(Path(tmp))
+        with server:
+            for extra in (True, False):
+                work = Path(tmp) / ("with" if extra else "without")
+                work.mkdir()
+                runs[extra] = session(1, work, speech=speech, idle_seconds=0.0, asr_uri=server.uri,
+                                      local_asr=extra)
+                if not extra and "Silero VAD is not installed" not in _tail(work / "daemon.log", 20_000):
+                    raise RuntimeError("the daemon without local-asr did not fall back to the level VAD")
+    with_, without = runs[True]["rss_mb"], runs[False]["rss_mb"]
+    what = "one silent pendant (--quick)" if speech is None else "one pendant transcribing one clip"
+    server_what = "a stand-in server" if speech is None else "wyoming-faster-whisper in its own process"
+    res.add("rss_remote", f"{with_:.0f} MB / {without:.0f} MB",
+            note=f"daemon VmHWM, {what}, backend = \"wyoming\" ({server_what}, not counted): "
+                 f"with local-asr installed (Silero VAD loaded) {with_:.0f} MB, "
+                 f"without it (level VAD; 32-bit Pi OS) {without:.0f} MB; tiny.en in the daemon: "
+                 f"{local['rss_mb']:.0f} MB")
+    res.plots["rss"] = {**res.plots.get("rss", {}), "wyoming + Silero": with_,
+                        "wyoming, no local-asr": without}
+    print(f"rss remote: with local-asr {with_:.0f} MB, without {without:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
