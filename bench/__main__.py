@@ -9,13 +9,9 @@
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
 WER and ASR CPU vs whole-file Whisper and the community SDK's decoding, segment latency),
-<<<<<<< HEAD
-delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon),
-server (streams per Wyoming server: several bridge processes into one wyoming-faster-whisper).
-=======
 delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon, with
-tiny.en and with remote ASR).
->>>>>>> h6
+tiny.en and with remote ASR), server (streams per Wyoming server: several bridge processes into one
+wyoming-faster-whisper).
 """
 
 from __future__ import annotations
