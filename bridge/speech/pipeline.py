@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import shutil
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from bridge.speech import spool
 from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
 from bridge.speech.diskguard import DiskGuard, DiskPause
+from bridge.speech.handoff import HandOff
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ JOIN_MAX_SECONDS = 30.0
 (process start, model load, BLE reconnect) takes seconds; a longer gap is a pause in speech, and the
 first half is transcribed on its own."""
 
-HAND_ON_RETRY_MIN_SECONDS = 1.0
-HAND_ON_RETRY_MAX_SECONDS = 60.0
-"""A finished conversation the outbox refused (its database on a full disk) is offered again
-after this back-off, doubling per failure in a row."""
 QUARANTINE_DIR = "quarantine"
 """Under [storage] dir: quarantine/<device>/<conversation>/<utterance>.pcm, .json, .error.json."""
 SessionIdFn = Callable[[datetime, float], str]
@@ -125,14 +121,9 @@ class SpeechPipeline:
         self._flush_pause = int(config.asr.flush_pause_seconds * SAMPLE_RATE)
         self._window_max = int(config.asr.window_seconds * SAMPLE_RATE)
         self._glue = int(GAP_SECONDS * SAMPLE_RATE)
-        self.emitted = 0
-        """Conversations handed on."""
         self.disk = DiskGuard(self.dir, self.label)
         """Whether capture is paused for a full disk (``disk_paused``), and when it may resume."""
-        self._unhanded: list[OpenConversation] = []
-        """Finished conversations the outbox could not take yet (retried on a timer)."""
-        self._hand_on_timer: threading.Timer | None = None
-        self._hand_on_delay = 0.0
+        self._handoff = HandOff(self.label, on_conversation)
         self.quarantine_dir = self.dir.parent.parent / QUARANTINE_DIR / self.dir.name
         """Utterances that never transcribed ([asr] max_attempts), kept for a person to look at."""
         self.quarantined = sum(1 for _ in self.quarantine_dir.glob("*/*.pcm"))
@@ -148,6 +139,11 @@ class SpeechPipeline:
     def disk_pauses(self) -> int:
         """Pauses for the disk that ended since start."""
         return self.disk.pauses
+
+    @property
+    def emitted(self) -> int:
+        """Conversations handed on."""
+        return self._handoff.emitted
 
     # ------------------------------------------------------------------ public
 
@@ -165,7 +161,7 @@ class SpeechPipeline:
             if n:
                 self._frames(data[:n], ready)
             self._rest = data[n:].copy()
-        self._hand_on(ready)
+        self._handoff.deliver(ready)
 
     def _frames(self, data: np.ndarray, ready: list[OpenConversation]) -> None:
         frames = data.reshape(-1, FRAME_SAMPLES)
@@ -222,7 +218,7 @@ class SpeechPipeline:
                     self._end_utterance(ev.sample, ev.speech_samples)
             if self._conv is not None:
                 self._close_conversation(self._conv, ready)
-        self._hand_on(ready)
+        self._handoff.deliver(ready)
 
     def recover(self, *, resume: bool = False) -> int:
         """Finish conversations a previous run left on disk (crash, power cut, stopped worker):
@@ -259,7 +255,7 @@ class SpeechPipeline:
                              self.label, conv.client_session_id, conv.waiting_samples / SAMPLE_RATE)
                 self._submit_packed(conv, conv.waiting)
                 self._maybe_ready(conv, ready)
-        self._hand_on(ready)
+        self._handoff.deliver(ready)
         return found
 
     # ------------------------------------------------------------------ resuming after a crash
@@ -346,7 +342,7 @@ class SpeechPipeline:
         with self._lock:
             if self._resumable is r:
                 self._close_resumable(r, ready)
-        self._hand_on(ready)
+        self._handoff.deliver(ready)
 
     def backlog_seconds(self) -> float:
         """Seconds of this device's speech on disk and not yet transcribed."""
@@ -356,8 +352,7 @@ class SpeechPipeline:
     @property
     def unqueued(self) -> int:
         """Finished conversations waiting for the outbox to take them (its disk was full)."""
-        with self._lock:
-            return len(self._unhanded)
+        return self._handoff.waiting
 
     @property
     def in_conversation(self) -> bool:
@@ -547,7 +542,7 @@ class SpeechPipeline:
                 self.on_segments(conv.client_session_id, conv.started_at, fresh)
             except Exception:
                 _LOGGER.exception("%s: segment callback failed", self.label)
-        self._hand_on(ready)
+        self._handoff.deliver(ready)
 
     def _on_give_up(self, conv: OpenConversation, window: Window, error: str) -> None:
         """An utterance failed ``[asr] max_attempts`` times: move its audio to the quarantine
@@ -577,57 +572,10 @@ class SpeechPipeline:
                               self.label, utt.samples / SAMPLE_RATE, conv.client_session_id,
                               piece.attempts, error, dest / f"{piece.key}.pcm")
             self._maybe_ready(conv, ready)
-        self._hand_on(ready)
-
-    def _hand_on_later(self, state: OpenConversation, exc: Exception) -> None:
-        with self._lock:
-            first = not self._unhanded
-            if all(s is not state for s in self._unhanded):
-                self._unhanded.append(state)
-            delay = self._hand_on_delay = min(self._hand_on_delay * 2 or HAND_ON_RETRY_MIN_SECONDS,
-                                              HAND_ON_RETRY_MAX_SECONDS)
-            if self._hand_on_timer is None:
-                self._hand_on_timer = threading.Timer(delay, self._retry_hand_on)
-                self._hand_on_timer.daemon = True
-                self._hand_on_timer.start()
-        # A full disk is said in words (OSError, sqlite3's "database or disk is full"); anything
-        # else may be a bug and gets its traceback, once.
-        expected = isinstance(exc, OSError | sqlite3.Error)
-        log = _LOGGER.exception if first and not expected else _LOGGER.error
-        log("%s: cannot queue conversation %s for Omi (%s); it stays on disk, next try in %.0f s",
-            self.label, state.client_session_id, exc, delay)
-
-    def _retry_hand_on(self) -> None:
-        with self._lock:
-            ready, self._unhanded = self._unhanded, []
-            self._hand_on_timer = None
-        self._hand_on(ready)
-        with self._lock:
-            if not self._unhanded:
-                self._hand_on_delay = 0.0
+        self._handoff.deliver(ready)
 
     def _maybe_ready(self, conv: OpenConversation, ready: list[OpenConversation]) -> None:
         if conv.ready:
             conv.emitted = True
             self._convs.pop(conv.dir, None)
             ready.append(conv)
-
-    def _hand_on(self, ready: list[OpenConversation]) -> None:
-        """Outside the lock: the callback may take its time without stalling capture."""
-        for state in ready:
-            result = state.to_conversation()
-            if not result.segments:
-                _LOGGER.info("%s: conversation %s had no text; dropped", self.label,
-                             state.client_session_id)
-            else:
-                try:
-                    self.on_conversation(result)
-                except Exception as exc:
-                    # Keep its state on disk (recover() after a restart hands it on too) and try
-                    # again by itself: the outbox database may be on a full disk for a while.
-                    self._hand_on_later(state, exc)
-                    continue
-                self.emitted += 1
-            # If we die between the callback and this removal, recover() hands it on again and
-            # the outbox drops the duplicate by client_session_id.
-            state.remove()
