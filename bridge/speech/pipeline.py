@@ -37,6 +37,7 @@ from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, 
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
 from bridge.speech.diskguard import DiskGuard, DiskPause
 from bridge.speech.handoff import HandOff
+from bridge.speech.quarantine import QUARANTINE_DIR, set_aside
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ JOIN_MAX_SECONDS = 30.0
 (process start, model load, BLE reconnect) takes seconds; a longer gap is a pause in speech, and the
 first half is transcribed on its own."""
 
-QUARANTINE_DIR = "quarantine"
-"""Under [storage] dir: quarantine/<device>/<conversation>/<utterance>.pcm, .json, .error.json."""
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
 
@@ -553,17 +552,7 @@ class SpeechPipeline:
                 utt = conv.utterances.get(piece.key)
                 if utt is None or piece.key in conv.done:
                     continue
-                dest = self.quarantine_dir / conv.dir.name
-                dest.mkdir(parents=True, exist_ok=True)
-                spool.write_json(dest / f"{piece.key}.error.json", {
-                    "client_session_id": conv.client_session_id, "device": self.label,
-                    "utterance_started_at": (conv.started_at + timedelta(
-                        seconds=utt.offset / SAMPLE_RATE)).isoformat(timespec="milliseconds"),
-                    "seconds": round(utt.samples / SAMPLE_RATE, 2), "attempts": piece.attempts,
-                    "error": error, "format": "raw int16 little-endian, 16 kHz, mono"})
-                for src in (conv.pcm_path(piece.key), conv.meta_path(piece.key)):
-                    if src.exists():
-                        shutil.move(src, dest / src.name)
+                dest = set_aside(self.quarantine_dir, conv, utt, piece.attempts, error, self.label)
                 conv.done.add(piece.key)
                 conv.save()
                 self.quarantined += 1
