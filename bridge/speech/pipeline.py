@@ -23,7 +23,6 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,41 +37,16 @@ from bridge.speech.conversations import OpenConversation, Utterance, live_sessio
 from bridge.speech.diskguard import DiskGuard, DiskPause
 from bridge.speech.handoff import HandOff
 from bridge.speech.quarantine import QUARANTINE_DIR, set_aside
+from bridge.speech.resume import CrashResume, OpenUtterance, Resumable
 from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, Endpointer, make_vad
 
 _LOGGER = logging.getLogger(__name__)
-
-JOIN_MAX_SECONDS = 30.0
-"""The longest recording gap across which an utterance cut by a crash is continued: a restart
-(process start, model load, BLE reconnect) takes seconds; a longer gap is a pause in speech, and the
-first half is transcribed on its own."""
 
 SessionIdFn = Callable[[datetime, float], str]
 """(conversation started_at, its start in seconds on the stream) → client_session_id."""
 
 
-class _OpenUtterance:
-    def __init__(self, conv: OpenConversation, utt: Utterance, start: int,
-                 writer: spool.PcmWriter | None = None) -> None:
-        self.conv = conv
-        self.utt = utt
-        self.start = start  # on the stream timeline
-        self.writer = writer or spool.PcmWriter(conv.pcm_path(utt.key))
-
-
-@dataclass
-class _Resumable:
-    """An interrupted conversation waiting for this run's first audio to continue it."""
-
-    conv: OpenConversation
-    cut: Utterance | None
-    """The utterance the crash interrupted (its audio on disk, its end unknown), if any."""
-    last_speech: datetime
-    """Wall-clock end of the last speech on disk."""
-    timer: threading.Timer | None = None
-
-
-class SpeechPipeline:
+class SpeechPipeline(CrashResume):
     """One device's audio timeline in, finished conversations out."""
 
     def __init__(self, device: str, config: Config, worker: AsrWorker,
@@ -107,7 +81,7 @@ class SpeechPipeline:
         """Speech kept as utterances so far, pads included (metrics)."""
         self._ring: collections.deque[tuple[int, np.ndarray]] = collections.deque(
             maxlen=int(config.vad.pad_seconds * SAMPLE_RATE) // FRAME_SAMPLES + 2)
-        self._utt: _OpenUtterance | None = None
+        self._utt: OpenUtterance | None = None
         self._conv: OpenConversation | None = None
         self._convs: dict[Path, OpenConversation] = {}
         self._window: list[Utterance] = []
@@ -127,7 +101,7 @@ class SpeechPipeline:
         """Utterances that never transcribed ([asr] max_attempts), kept for a person to look at."""
         self.quarantined = sum(1 for _ in self.quarantine_dir.glob("*/*.pcm"))
         """Utterances in the quarantine folder (this run's and earlier ones')."""
-        self._resumable: _Resumable | None = None
+        self._resumable: Resumable | None = None
 
     @property
     def disk_paused(self) -> DiskPause | None:
@@ -257,92 +231,6 @@ class SpeechPipeline:
         self._handoff.deliver(ready)
         return found
 
-    # ------------------------------------------------------------------ resuming after a crash
-
-    def _keep_open(self, conv: OpenConversation, cut: Utterance | None) -> bool:
-        """Hold ``conv`` open for this run's first audio if its gap has not passed yet."""
-        end = max(conv.last_end, cut.offset + cut.samples if cut else 0)
-        last_speech = conv.started_at + timedelta(seconds=end / SAMPLE_RATE)
-        left = self.config.conversation.gap_seconds - (datetime.now(UTC) - last_speech).total_seconds()
-        if left <= 0:
-            if cut is not None:
-                self._accept_cut(conv, cut)
-            return False
-        # The saved next_index may predate the utterance in progress at the crash: new keys
-        # must never reuse the name of audio still on disk.
-        used = [int(p.stem[1:]) for p in conv.dir.glob("u*.json") if p.stem[1:].isdigit()]
-        conv.next_index = max([conv.next_index, *(i + 1 for i in used)])
-        r = _Resumable(conv, cut, last_speech)
-        # No audio at all (the device stays away): the gap rule then runs on the wall clock.
-        r.timer = threading.Timer(left, self._resume_expired, args=(r,))
-        r.timer.daemon = True
-        r.timer.start()
-        self._resumable = r
-        _LOGGER.info("%s: continuing interrupted conversation %s (last speech %.0f s ago)",
-                     self.label, conv.client_session_id, self.config.conversation.gap_seconds - left)
-        self._submit_packed(conv, conv.waiting)
-        return True
-
-    def _accept_cut(self, conv: OpenConversation, cut: Utterance) -> None:
-        """Take the cut utterance as it is on disk: it is transcribed on its own."""
-        conv.save_utterance(cut, complete=True)
-        conv.utterances[cut.key] = cut
-        conv.last_end = max(conv.last_end, cut.offset + cut.samples)
-        conv.save()
-
-    def _resume(self, r: _Resumable, ready: list[OpenConversation]) -> None:
-        """This run's first audio: continue the interrupted conversation, or close it if its gap
-        passed while the daemon was down. Sample 0 of this stream is ``self.anchor``."""
-        assert self.anchor is not None
-        self._resumable = None
-        if r.timer is not None:
-            r.timer.cancel()
-        down = (self.anchor - r.last_speech).total_seconds()
-        if down >= self.config.conversation.gap_seconds:
-            self._close_resumable(r, ready)
-            return
-        conv = r.conv
-        # Where the conversation started on this stream's timeline: before sample 0.
-        conv.start_sample = round((conv.started_at - self.anchor).total_seconds() * SAMPLE_RATE)
-        self._conv = conv
-        self._last_speech_end = conv.start_sample + conv.last_end
-        cut = r.cut
-        if cut is None:
-            return
-        if down > JOIN_MAX_SECONDS:
-            self._accept_cut(conv, cut)
-            self._submit_packed(conv, [cut])
-            return
-        # The audio missed while the daemon was down becomes silence of its true length, so the
-        # words after it keep their times; Whisper then hears the sentence whole.
-        start = conv.start_sample + cut.offset
-        writer = spool.PcmWriter(conv.pcm_path(cut.key), append=True)
-        missed = max(0, -(start + writer.samples))
-        writer.write(np.zeros(missed, dtype=np.int16))
-        self._utt = _OpenUtterance(conv, cut, start, writer)
-        self._ep.resume(start)
-        _LOGGER.info("%s: continuing the utterance cut by the restart (%.1f s missed)", self.label,
-                     missed / SAMPLE_RATE)
-
-    def _close_resumable(self, r: _Resumable, ready: list[OpenConversation]) -> None:
-        self._resumable = None
-        if r.timer is not None:
-            r.timer.cancel()
-        if r.cut is not None:
-            self._accept_cut(r.conv, r.cut)
-            self._submit_packed(r.conv, [r.cut])
-        r.conv.closed = True
-        r.conv.save()
-        _LOGGER.info("%s: interrupted conversation %s closed", self.label, r.conv.client_session_id)
-        self._maybe_ready(r.conv, ready)
-
-    def _resume_expired(self, r: _Resumable) -> None:
-        ready: list[OpenConversation] = []
-        with self._lock:
-            if self._resumable is r:
-                self._close_resumable(r, ready)
-        self._handoff.deliver(ready)
-
     def backlog_seconds(self) -> float:
         """Seconds of this device's speech on disk and not yet transcribed."""
         with self._lock:
@@ -398,7 +286,7 @@ class SpeechPipeline:
             conv = self._open_conversation(at)
         utt = Utterance(conv.new_key(), at - (conv.start_sample or 0), 0)
         conv.save_utterance(utt, complete=False)
-        self._utt = _OpenUtterance(conv, utt, at)
+        self._utt = OpenUtterance(conv, utt, at)
         if audio is None:
             audio = np.concatenate([f for s, f in self._ring if s + FRAME_SAMPLES > at])
             first = next(s for s, _ in self._ring if s + FRAME_SAMPLES > at)
