@@ -36,6 +36,7 @@ from bridge.audio.frame_pcm import FramePcmDecoder
 from bridge.config import FrameOptions
 from bridge.core.errors import BridgeError
 from bridge.core.gatt import FRAME_SERVICE
+from bridge.devices.frame.lua import lua_quote, quoted_pieces
 from bridge.link.adapter import client_args, scanner_args
 from bridge.link.supervisor import SessionContext
 
@@ -100,41 +101,6 @@ def app_source() -> tuple[str, str]:
     lines = [ln.rstrip() for ln in template.splitlines()
              if ln.strip() and not ln.lstrip().startswith("--")]
     return digest, "\n".join(lines).replace("@APP_HASH@", digest) + "\n"
-
-
-def lua_quote(text: str) -> str:
-    """``text`` as a Lua string literal (the app is ASCII; anything else is escaped byte-wise)."""
-    out = ['"']
-    for b in text.encode("utf-8"):
-        c = chr(b)
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif 32 <= b < 127:
-            out.append(c)
-        else:
-            out.append(f"\\{b:03d}")
-    out.append('"')
-    return "".join(out)
-
-
-def _escaped_pieces(text: str, budget: int) -> list[str]:
-    """Split ``text`` so each piece, once quoted, fits ``budget`` characters (never inside an
-    escape sequence)."""
-    pieces: list[str] = []
-    cur: list[str] = []
-    size = 2
-    for ch in text:
-        q = len(lua_quote(ch)) - 2
-        if size + q > budget and cur:
-            pieces.append("".join(cur))
-            cur, size = [], 2
-        cur.append(ch)
-        size += q
-    if cur:
-        pieces.append("".join(cur))
-    return pieces
 
 
 def not_bonded_error(label: str, address: str, detail: str = "") -> BridgeError:
@@ -370,7 +336,7 @@ class FrameSession:
         await self._lua(f'_omib_f=frame.file.open("{APP_MODULE}.lua","write") print("omib:o")',
                         reply=lambda t: t == "omib:o")
         budget = self.max_length + 1 - len('_omib_f:write("")print("omib:w00000")')
-        for i, piece in enumerate(_escaped_pieces(source, budget)):
+        for i, piece in enumerate(quoted_pieces(source, budget)):
             token = f"omib:w{i}"
             await self._lua(f'_omib_f:write({lua_quote(piece)})print("{token}")',
                             reply=functools.partial(operator.eq, token))
