@@ -42,7 +42,8 @@ SPOOL_BYTES_PER_HOUR = 16000 * 2 * 3600
 MEM_NEED_LOCAL = 300 * 1024**2
 """Daemon peak RSS with tiny.en and one pendant: 278 MB (bench/results.md, peak RSS row)."""
 MEM_NEED_REMOTE = 120 * 1024**2
-"""Without the Whisper model in the process (Wyoming ASR): the rest of the daemon."""
+"""Without the Whisper model in the process (Wyoming ASR): peak RSS 91 MB with the Silero VAD, 59 MB
+without the local-asr extra (bench/results.md, remote ASR row), with room for a second device."""
 
 
 # --------------------------------------------------------------------------------------------
