@@ -39,8 +39,11 @@ command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v update-binfmts >/dev/null 2>&1 || need+=(binfmt-support)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
+    mkdir -p "$CACHE"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${need[@]}" >/dev/null
+    # Their maintainer scripts talk on stderr about runlevels nobody asked for: keep it in a log.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "${need[@]}" \
+        >"$CACHE/apt.log" 2>&1 || { tail -n 20 "$CACHE/apt.log" >&2; fail "host tools" "see $CACHE/apt.log"; }
 fi
 if [ ! -x "$HOST_PY" ]; then
     say "setting up the project venv (for pip download and the WER)"
@@ -244,6 +247,34 @@ for item in (i for n in new for i in json.loads(n.read_text()).get("install", []
                                   "file": url.rsplit("/", 1)[-1]}
 kept.write_text(json.dumps(used, indent=1, sort_keys=True))
 EOF
+
+# --- step: Opus under emulation --------------------------------------------------------------
+# A pendant's audio is Opus: the arm64 libopus0 through opuslib's ctypes binding and the bridge's
+# decoder, round trip of one 20 ms frame of a tone (the clip below is FLAC and never touches it).
+libopus_deb="$(awk '/^Package: libopus0$/ { p = 1 } p && /^Version:/ { print $2; exit }' \
+               "$ROOT/var/lib/dpkg/status" 2>/dev/null || true)"
+opus_check='
+import sys
+
+import numpy as np
+import opuslib
+import opuslib.api.info
+
+from bridge.audio.codecs import CODEC_OPUS_20MS, OPUS_FRAME_SAMPLES, make_decoder
+
+n = OPUS_FRAME_SAMPLES[CODEC_OPUS_20MS]
+tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000)).astype("<i2")
+enc = opuslib.Encoder(16000, 1, opuslib.APPLICATION_VOIP)
+dec = make_decoder(CODEC_OPUS_20MS)
+out = np.concatenate([dec.decode(enc.encode(tone.tobytes(), n)) for _ in range(5)])
+ok = len(out) == 5 * n and float(np.abs(out[-n:].astype(float)).mean()) > 1000
+print(opuslib.api.info.get_version_string().decode(), "decoded", len(out), "samples")
+sys.exit(0 if ok else 1)
+'
+if [ "${BIN[0]}" = /usr/bin/python3 ]; then py=/usr/bin/python3; else py=/opt/omi-bridge/.venv/bin/python; fi
+opus_out="$(run_in_root "$py" -c "$opus_check" 2>&1)" ||
+    fail "opus" "the bridge's Opus decoder failed on arm64 (libopus0 ${libopus_deb:-not installed}): $opus_out"
+say "Opus on arm64: libopus0 ${libopus_deb:-?} (Debian arm64), $opus_out"
 
 # --- step: transcribe under emulation --------------------------------------------------------
 clip=""
