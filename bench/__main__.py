@@ -4,14 +4,16 @@
     python -m bench --quick         # tiny sizes, seconds (the smoke test); figures not meaningful
     python -m bench --out DIR       # write results.md / results.png into DIR instead of bench/
     python -m bench NAME [ARGS]     # one benchmark on its own, printing its figures:
-                                    #   link, capture, quality, delivery, daemon, server,
+                                    #   link, capture, quality, delivery, daemon, server, offline,
                                     #   speech_live
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
 WER and ASR CPU vs whole-file Whisper and the community SDK's decoding, segment latency),
 delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of the real daemon, with
 tiny.en and with remote ASR), server (streams per Wyoming server: several bridge processes into one
-wyoming-faster-whisper).
+wyoming-faster-whisper),
+offline (CPU per MB of a pendant's stored audio synced, and whether transcription keeps
+pace with an hour's sync at the pendant's read rate).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SUITE = {
     "delivery": ("delivery",),
     "daemon": ("idle_cpu", "rss", "rss_remote"),
     "server": ("server_streams", "server_cpu", "bridge_cpu"),
+    "offline": ("offline_cpu", "offline_pace"),
 }
 """Suite parts (modules under bench/, each with ``run(Results)``) and the rows each fills."""
 STANDALONE = ["link", *SUITE, "speech_live"]

@@ -62,6 +62,10 @@ class Answers:
             self.queue.put_nowait(bytes(p))
 
     async def next(self, timeout: float, what: str) -> bytes:
+        if not self.queue.empty():
+            # A transfer's notifications come in batches, so most are already here; a timeout
+            # task per packet was a third of the sync's CPU at 100 kB/s (bench/offline.py).
+            return self.queue.get_nowait()
         try:
             return await asyncio.wait_for(self.queue.get(), timeout)
         except TimeoutError:
