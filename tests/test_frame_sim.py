@@ -123,11 +123,48 @@ async def test_reset_restarts_the_vm_runs_main_lua_and_files_survive(glasses):
     assert await repl(model, link, "print(tostring(x) .. ' ' .. tostring(booted))") == "nil 42"
 
 
-async def test_require_loads_modules_from_the_glasses_filesystem(glasses):
+async def test_require_loads_modules_from_the_glasses_filesystem_on_every_call(glasses):
     model, link = glasses
     model.files["greet.lua"] = b"return { hi = 'hello' }"
     assert await repl(model, link, 'print(require("greet").hi)') == "hello"
-    assert "no file" in await repl(model, link, 'local ok, e = pcall(require, "missing") print(e)')
+    # The firmware's require has no cache: a rewritten file is what the next require runs.
+    model.files["greet.lua"] = b"return { hi = 'again' }"
+    assert await repl(model, link, 'print(require("greet").hi)') == "again"
+    assert await repl(model, link, 'local ok, e = pcall(require, "missing") print(e)') == (
+        "cannot open file: missing.lua")
+    model.files["broken.lua"] = b"local t = nil\nreturn t.x"
+    assert await repl(model, link, 'require("broken")') == (
+        '[string "require("broken")"]:1: exiting module \'broken\': '
+        '[string "broken.lua"]:2: attempt to index a nil value (local \'t\')')
+
+
+FIRMWARE_GLOBALS = {
+    # luaport.c run_lua opens base, coroutine, table, string, math, utf8 and debug only
+    "_G", "_VERSION", "assert", "collectgarbage", "dofile", "error", "getmetatable", "ipairs",
+    "load", "loadfile", "next", "pairs", "pcall", "print", "rawequal", "rawget", "rawlen",
+    "rawset", "select", "setmetatable", "tonumber", "tostring", "type", "warn", "xpcall",
+    "coroutine", "table", "string", "math", "utf8", "debug",
+    # then its own frame table and file.c's require
+    "frame", "require",
+}
+
+
+async def test_the_glasses_have_only_the_firmwares_lua_globals(glasses):
+    model, link = glasses
+    names: list[str] = []
+    for start in range(0, 40, 8):  # one short print per answer: long prints are dropped
+        names += (await repl(model, link, (
+            "local t = {} for k in pairs(_G) do t[#t + 1] = k end table.sort(t) "
+            f"print(table.concat(t, ' ', {start + 1}, math.min(#t, {start + 8})))"))).split()
+    assert set(names) == FIRMWARE_GLOBALS
+    # Desktop-Lua code fails on the glasses with the error the glasses print.
+    assert await repl(model, link, 'package.loaded["x"] = nil') == (
+        '[string "package.loaded["x"] = nil"]:1: attempt to index a nil value (global \'package\')')
+    assert "(global 'io')" in await repl(model, link, 'io.open("main.lua")')
+    assert "(global 'os')" in await repl(model, link, "print(os.time())")
+    # dofile/loadfile exist but reach no file system (they use C stdio, not Frame's files).
+    model.files["main.lua"] = b"x = 1"
+    assert await repl(model, link, 'print(loadfile("main.lua") == nil)') == "true"
 
 
 async def next_matching(link: Link, match, timeout: float = TIMEOUT) -> bytes:

@@ -14,6 +14,11 @@ emulated ``frame`` API:
   (text, dropped when the slot is busy or it is longer than MTU − 3), frame.md §4–§5.
 - ``frame.microphone`` fed in real time from a 16 kHz int16 source with the firmware's formats,
   ~2 s FIFO that silently wraps, ``""``/``nil`` semantics and errors (frame.md §6).
+- The firmware's Lua environment and nothing more (luaport.c, file.c; frame.md "Lua
+  environment"): the base, coroutine, table, string, math, utf8 and debug libraries; no
+  ``package``, ``io`` or ``os``; ``require(NAME)`` runs ``NAME.lua`` from Frame's filesystem on
+  every call (no cache); REPL errors read ``[string "<chunk>"]:N: …`` as ``luaL_dostring``'s do;
+  a VM start runs ``frame.stay_awake(false); require('main')`` and prints its error.
 - ``frame.file`` on an in-memory filesystem that survives resets and reconnects;
   ``frame.battery_level()`` (a float), ``frame.time.utc()``, ``frame.sleep(s)``,
   ``frame.FIRMWARE_VERSION``, ``frame.HARDWARE_VERSION``.
@@ -69,6 +74,15 @@ HOOK_INSTRUCTIONS = 1000
 SECURITY_FAILURE_SECONDS = 1.0
 """How long a Frame bonded elsewhere keeps an unencrypted link before dropping it [derived: the
 security request fails after a few connection events; not measured]."""
+
+BOOT_CHUNK = b"frame.stay_awake(false); require('main')"
+"""What the firmware runs when its Lua VM starts (luaport.c run_lua)."""
+BOOT_QUIET_ERROR = b"[string \"require('main')\"]:1: cannot open file: main.lua"
+"""The one boot error the firmware means not to print (no main.lua). Since fw v24.267 the boot
+chunk has a different text, so this never matches and the glasses print
+``[string "frame.stay_awake(false); require('main')"]:1: cannot open file: main.lua`` after every
+reset without main.lua (frame.md: Lua environment) [derived]. Kept so the emulation stays as
+exact as the firmware is."""
 
 DEFAULT_FIRMWARE = "v25.278.1113"
 """Latest tagged firmware (frame.md sources, F1)."""
@@ -166,23 +180,64 @@ function print(...)
     end
 end
 
--- require() loads modules from Frame's filesystem, nothing from the host.
-package.path = ""
-package.cpath = ""
-package.searchers = { package.searchers[1], function(name)
-    local src = py.fs_get(name .. ".lua")
-    if src == nil then return "\n\tno file '" .. name .. ".lua'" end
-    local chunk, err = load(src, "=" .. name .. ".lua")
-    if not chunk then error(err, 0) end
-    return chunk, name
-end }
-io = nil
-os = nil
-dofile = nil
-loadfile = nil
+local stay_awake = false
+function frame.stay_awake(enable)
+    if enable ~= nil then stay_awake = enable and true or false end
+    return stay_awake
+end
 
-function _repl(src, name)
-    local chunk, err = load(src, name)
+-- The firmware's own require (file.c lua_file_require): NAME.lua from Frame's filesystem, read
+-- and run again on every call (no package.loaded cache), the module's last return value (or
+-- the file name when it returns nothing), errors worded as the firmware words them.
+function require(name)
+    local kind = type(name)
+    if kind ~= "string" and kind ~= "number" then
+        error("bad argument #1 to 'require' (string expected, got " .. kind .. ")", 2)
+    end
+    local filename = name .. ".lua"
+    local src = py.fs_get(filename)
+    if src == nil then error("cannot open file: " .. filename, 2) end
+    local chunk, err = load(src, filename)
+    if chunk == nil then
+        error(string.format("exiting module '%s': %s", name, err), 2)
+    end
+    local res = table.pack(pcall(chunk))
+    if not res[1] then
+        error(string.format("exiting module '%s': %s", name, tostring(res[2])), 2)
+    end
+    if res.n == 1 then return filename end
+    return res[res.n]
+end
+
+-- dofile/loadfile are in the firmware's base library but go through C stdio, which has no
+-- file system behind it on the glasses (frame.md: Lua environment) [derived].
+function loadfile(name)
+    return nil, "cannot open " .. tostring(name)
+end
+function dofile(name)
+    error("cannot open " .. tostring(name), 2)
+end
+
+-- Exactly the globals the firmware opens (luaport.c run_lua: base, coroutine, table, string,
+-- math, utf8, debug, then frame and require): no package, io, os, nor lupa's python.
+local firmware_globals = {}
+for name in string.gmatch([[
+    _G _VERSION assert collectgarbage dofile error getmetatable ipairs load loadfile next
+    pairs pcall print rawequal rawget rawlen rawset select setmetatable tonumber tostring
+    type warn xpcall coroutine table string math utf8 debug frame require]], "%S+") do
+    firmware_globals[name] = true
+end
+local extra = {}
+for name in pairs(_G) do
+    if not firmware_globals[name] then extra[#extra + 1] = name end
+end
+for _, name in ipairs(extra) do _G[name] = nil end
+local loaded = debug.getregistry()._LOADED
+for _, name in ipairs({ "package", "io", "os", "python" }) do loaded[name] = nil end
+
+-- luaL_dostring: the chunk's name is its own text, so errors read [string "..."]:N: ...
+return function(src)
+    local chunk, err = load(src)
     if not chunk then return err end
     local ok, e = pcall(chunk)
     if not ok then return tostring(e) end
@@ -316,6 +371,7 @@ class FrameModel(DeviceModel):
         super().__post_init__()
         self._rng = random.Random(self.seed)
         self._events = _Events()
+        self._booted = threading.Event()
         self._mic = _Microphone(self.source, self.loop_source, time.monotonic)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -354,6 +410,7 @@ class FrameModel(DeviceModel):
                                   "Authentication Failed")
 
     async def start(self) -> None:
+        self._booted.clear()
         self._loop = asyncio.get_running_loop()
         self._outq = asyncio.Queue()
         self._pump_task = self._loop.create_task(self._pump())
@@ -361,6 +418,8 @@ class FrameModel(DeviceModel):
             self._thread = threading.Thread(target=self._vm_thread, name=f"frame-lua-{self.address}",
                                             daemon=True)
             self._thread.start()
+        # Frame has booted long before a host can connect: its boot print reaches no one.
+        await asyncio.to_thread(self._booted.wait, 5.0)
 
     async def stop(self) -> None:
         if self._pump_task is not None:
@@ -486,9 +545,9 @@ class FrameModel(DeviceModel):
     def _vm_thread(self) -> None:
         ev = self._events
         while not ev.closed:
-            lua = self._new_vm()
-            if "main.lua" in self.files:
-                self._run(lua, self.files["main.lua"], b"=main.lua")
+            repl = self._new_vm()
+            self._run(repl, BOOT_CHUNK, quiet=BOOT_QUIET_ERROR)
+            self._booted.set()
             while True:
                 with ev.cond:
                     while not (ev.closed or ev.reset or ev.repl is not None):
@@ -503,15 +562,16 @@ class FrameModel(DeviceModel):
                         break
                     chunk, ev.repl = ev.repl, None
                 self.chunks_run += 1
-                self._run(lua, chunk, b"=repl")
+                self._run(repl, chunk)
             self.resets += 1
             self._mic.stop()
             self._mic.read_pos = self._mic.end_pos = self._mic._produced()
 
-    def _run(self, lua, src: bytes, name: bytes) -> None:
+    def _run(self, repl, src: bytes, *, quiet: bytes | None = None) -> None:
+        """Run one chunk as ``luaL_dostring`` does and print its error, unless it is ``quiet``."""
         self.running_script = True
         try:
-            err = lua.globals()._repl(src, name)
+            err = repl(src)
         except Exception as exc:  # a bug in the emulation: report it as Frame would
             err = f"simulator error: {exc}".encode()
             _LOGGER.exception("sim %s: Lua run failed", self.address)
@@ -519,7 +579,7 @@ class FrameModel(DeviceModel):
             self.running_script = False
             with self._events.cond:
                 self._events.brk = False
-        if err:
+        if err and err != quiet:
             # luaL_dostring failures are printed by the REPL (frame.md §4: errors are text).
             self._py_print(err if isinstance(err, bytes) else str(err).encode())
 
@@ -552,8 +612,7 @@ class FrameModel(DeviceModel):
             b"frename": self._py_frename,
             b"fs_get": lambda name: self.files.get(name.decode()),
         })
-        lua.execute(_PRELUDE, py)
-        return lua
+        return lua.execute(_PRELUDE, py)
 
     def _py_poll(self) -> tuple[int | None, bytes | None]:
         ev = self._events
