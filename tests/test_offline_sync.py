@@ -182,6 +182,8 @@ async def test_cut_transfers_resume_from_the_last_durable_record(fake_bluez, tmp
         SPOKEN_AT + total * 0.02, abs=1.0)
     assert link.stats.reconnects >= len(cuts)
     assert storage.unread == 0
+    # "Last sync" in status counts what the cut syncs fetched too, each record once.
+    assert sync.status.last_sync_bytes == sync.spool.next_cursor * st.RECORD_BYTES
 
 
 @pytest.mark.parametrize("firmware,generation", [("3.0.18", "multi-file"), ("3.0.12", "legacy")])

@@ -93,3 +93,46 @@ def test_a_second_daemon_on_the_same_storage_is_refused(tmp_path: Path) -> None:
         assert str(os.getpid()) in str(err.value)
     finally:
         first.release()
+
+
+def test_offline_sync_is_described_per_pendant(config: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    state_dir = tmp_path / "state"
+    lock = DaemonLock(state_dir)
+    lock.acquire()
+    now = datetime.now(UTC)
+    syncing = {"protocol": "ring", "state": "syncing", "waiting_bytes": 1_320_000,
+               "waiting_audio_seconds": 300.0, "fetched_bytes": 440_000, "total_bytes": 1_760_000,
+               "rate_bytes_per_second": 32_000.0, "progress": 0.25,
+               "last_sync_at": (now - timedelta(hours=2)).isoformat(), "last_sync_bytes": 2_400_000,
+               "conversations": 3, "estimated_conversations": 1,
+               "fetched_not_transcribed_seconds": 12.0, "last_error": None}
+    done = {"protocol": "multi-file", "state": "done", "waiting_bytes": 0, "fetched_bytes": 0,
+            "total_bytes": 0, "rate_bytes_per_second": 0.0, "progress": None,
+            "last_sync_at": None, "last_sync_bytes": None, "conversations": 0}
+    failed = {"protocol": "legacy", "state": "failed", "waiting_bytes": 88_000,
+              "waiting_audio_seconds": 20.0, "last_sync_at": None, "conversations": 0,
+              "last_error": "the file ended after 4400 of 88000 bytes (truncated)"}
+    pendants = [("pendant", "AA:BB:CC:DD:EE:01", syncing), ("spare", "AA:BB:CC:DD:EE:03", done),
+                ("old", "AA:BB:CC:DD:EE:04", failed)]
+    try:
+        write_state(state_dir, {
+            "pid": os.getpid(), "started_at": now.isoformat(), "ready": True,
+            "devices": [{"name": name, "kind": "omi", "address": addr, "connected": True,
+                         "connected_since": now.isoformat(), "offline": off}
+                        for name, addr, off in pendants]})
+        assert main(["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert ("offline recordings (ring buffer storage): 1.3 MB waiting on the pendant "
+                "(≈ 5m 00s of audio)") in out
+        # 1.32 MB left at 32 kB/s: 41 s.
+        assert "syncing: 440 kB of 1.8 MB (25%), 32 kB/s, about 41s left" in out
+        assert "last sync" in out and "(2h 00m ago): 2.4 MB fetched" in out
+        assert "3 offline conversations queued since start, 1 with ESTIMATED times" in out
+        assert "≈ 12s of fetched audio not transcribed yet" in out
+        assert "offline recordings (multi-file storage): nothing waiting on the pendant" in out
+        assert "last sync: never" in out
+        assert "offline recordings (legacy single file storage): 88 kB waiting" in out
+        assert "last sync stopped: the file ended after 4400 of 88000 bytes (truncated)" in out
+    finally:
+        lock.release()

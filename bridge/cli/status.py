@@ -56,6 +56,71 @@ def format_asr_backend(be: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _size(nbytes: float) -> str:
+    if nbytes < 1000:
+        return f"{int(nbytes)} B"
+    if nbytes < 1_000_000:
+        return f"{nbytes / 1000:.0f} kB"
+    return f"{nbytes / 1_000_000:.1f} MB"
+
+
+PROTOCOL_NAMES = {"ring": "ring buffer", "multi-file": "multi-file", "legacy": "legacy single file"}
+"""How each storage generation is named to a user (docs/reference/omi-storage.md §2)."""
+
+
+def format_offline(off: dict[str, Any]) -> list[str]:
+    """A pendant's offline sync: its storage protocol, what waits on it, a transfer in progress,
+    the last sync and anything a user should know about the times."""
+    protocol = off.get("protocol")
+    if protocol:
+        head = f"    offline recordings ({PROTOCOL_NAMES.get(protocol, protocol)} storage): "
+    elif off.get("state") == "off":
+        head = "    offline recordings: not synced: "
+    else:
+        head = "    offline recordings (storage protocol known at the next connect): "
+    waiting = off.get("waiting_bytes")
+    if off.get("state") == "off":
+        head += off.get("last_error") or "no storage service"
+    elif waiting is None:
+        head += "waiting audio not known yet"
+    elif waiting == 0:
+        head += "nothing waiting on the pendant"
+    else:
+        head += f"{_size(waiting)} waiting on the pendant"
+        if off.get("waiting_audio_seconds") is not None:
+            head += f" (≈ {_span(off['waiting_audio_seconds'])} of audio)"
+    lines = [head]
+    if off.get("state") == "syncing":
+        total, fetched = off.get("total_bytes") or 0, off.get("fetched_bytes") or 0
+        line = f"      syncing: {_size(fetched)} of {_size(total)}"
+        if off.get("progress") is not None:
+            line += f" ({off['progress']:.0%})"
+        rate = off.get("rate_bytes_per_second") or 0.0
+        if rate > 0:
+            line += f", {_size(rate)}/s, about {_span((total - fetched) / rate)} left"
+        lines.append(line)
+    if off.get("last_sync_at"):
+        line = f"      last sync {_ago(off['last_sync_at'])}"
+        if off.get("last_sync_bytes") is not None:
+            line += f": {_size(off['last_sync_bytes'])} fetched"
+        lines.append(line)
+    else:
+        lines.append("      last sync: never")
+    convs = off.get("conversations") or 0
+    if convs:
+        line = f"      {convs} offline conversation{'s' if convs != 1 else ''} queued since start"
+        if off.get("estimated_conversations"):
+            line += (f", {off['estimated_conversations']} with ESTIMATED times (the pendant's "
+                     "clock was not set)")
+        lines.append(line)
+    if (off.get("fetched_not_transcribed_seconds") or 0) > 0:
+        lines.append(f"      ≈ {_span(off['fetched_not_transcribed_seconds'])} of fetched audio "
+                     "not transcribed yet")
+    if off.get("state") == "failed" and off.get("last_error"):
+        lines.append(f"      last sync stopped: {off['last_error']} (retried on the next connect)")
+    return lines
+
+
 def format_device(dev: dict[str, Any]) -> list[str]:
     head = f"  {dev.get('name') or dev.get('address')} ({dev.get('kind')}, {dev.get('address')}): "
     if dev.get("connected"):
@@ -82,6 +147,8 @@ def format_device(dev: dict[str, Any]) -> list[str]:
         lines.append(f"    last error: {dev['last_error']}")
     if dev.get("task_error"):
         lines.append(f"    pipeline restarted after: {dev['task_error']}")
+    if dev.get("offline"):
+        lines += format_offline(dev["offline"])
     return lines
 
 

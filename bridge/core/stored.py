@@ -76,6 +76,8 @@ class SyncStatus:
     rate_bytes_per_second: float = 0.0
     last_sync_at: str | None = None
     """ISO time of the last sync that fetched everything the pendant held."""
+    last_sync_bytes: int | None = None
+    """Bytes that sync brought to disk, counting the cut syncs it finished (None: no sync yet)."""
     last_error: str | None = None
     times_estimated: bool = False
     """Some stored audio had no valid pendant clock: its times are estimates."""

@@ -92,6 +92,7 @@ class PendantSync:
         self.status = SyncStatus()
         self.status.last_sync_at = self.spool.state.get("last_sync_at")
         self.status.protocol = self.spool.state.get("protocol")
+        self.status.last_sync_bytes = self.spool.state.get("last_sync_bytes")
         self.new_data = asyncio.Event()
         """Set when records became durable (the consumer task waits on it)."""
         self.sync_ended = asyncio.Event()
@@ -210,11 +211,17 @@ class PendantSync:
                 if client.is_connected:
                     await client.stop_notify(st.STORAGE_DATA)
             result.seconds = time.monotonic() - started
+            # A sync cut by a drop is finished by a later one: "last sync" counts them all.
+            fetched = int(self.spool.state.get("unfinished_bytes", 0)) + result.bytes
+            self.spool.state["unfinished_bytes"] = fetched
             if result.complete:
                 now = self.clock()
                 self.status.state = "done"
                 self.status.last_sync_at = iso_seconds(now)
+                self.status.last_sync_bytes = fetched
                 self.spool.state["last_sync_at"] = self.status.last_sync_at
+                self.spool.state["last_sync_bytes"] = fetched
+                self.spool.state["unfinished_bytes"] = 0
                 self.spool.state["drained_cursor"] = self.spool.next_cursor
             elif self.status.state == "syncing":
                 self.status.state = "failed" if result.error not in (None, "cut") else "idle"
