@@ -5,6 +5,7 @@
     python -m bench --out DIR       # write results.md / results.png into DIR instead of bench/
     python -m bench NAME [ARGS]     # one benchmark on its own, printing its figures:
                                     #   link, capture, quality, delivery, daemon, server, offline,
+                                    #   looplag,
                                     #   speech_live
 
 Parts of the suite: capture (decode + VAD CPU per stream, concurrent streams), quality (corpus
@@ -13,7 +14,8 @@ delivery (end of conversation → request sent), daemon (idle CPU, peak RSS of t
 tiny.en and with remote ASR), server (streams per Wyoming server: several bridge processes into one
 wyoming-faster-whisper),
 offline (CPU per MB of a pendant's stored audio synced, and whether transcription keeps
-pace with an hour's sync at the pendant's read rate).
+pace with an hour's sync at the pendant's read rate), looplag (event-loop stalls while streaming
+speech onto a disk whose every fsync takes 300 ms).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SUITE = {
     "daemon": ("idle_cpu", "rss", "rss_remote"),
     "server": ("server_streams", "server_cpu", "bridge_cpu"),
     "offline": ("offline_cpu", "offline_pace"),
+    "looplag": ("loop_lag",),
 }
 """Suite parts (modules under bench/, each with ``run(Results)``) and the rows each fills."""
 STANDALONE = ["link", *SUITE, "speech_live"]
