@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", type=int, help="outbox item id (show, retry)")
     _common(p)
 
+    p = sub.add_parser("sync", help="fetch what a pendant recorded out of range, now (daemon stopped)")
+    p.add_argument("device", nargs="?", metavar="DEVICE",
+                   help="paired pendant's name or address (default: the only one)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up when the pendant is out of reach this long (default 60)")
+    _common(p)
+
     p = sub.add_parser("run", help="run the bridge daemon (what systemd starts)")
     _common(p, json=False)
 
@@ -122,6 +129,11 @@ def _outbox(args: argparse.Namespace) -> int:
     return cmd_outbox(args)
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from bridge.cli.sync import cmd_sync
+    return cmd_sync(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     from bridge.cli.run import cmd_run
     return cmd_run(args)
@@ -150,7 +162,7 @@ def _demo(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scan": _scan, "listen": _listen, "pair": _pair, "transcribe": _transcribe, "outbox": _outbox,
     "run": _run, "check-config": _check_config, "status": _status, "demo": _demo,
-    "doctor": _doctor,
+    "doctor": _doctor, "sync": _sync,
 }
 
 

@@ -215,6 +215,14 @@ class OfflineFeeder:
     def in_run(self) -> bool:
         return self._run is not None
 
+    def settled(self) -> bool:
+        """No run open and every offline conversation so far is in the outbox."""
+        with self._lock:
+            if self._run is not None:
+                return False
+            pipes = list(self._closing)
+        return all(p.settled for p in pipes)
+
     def backlog_seconds(self) -> float:
         with self._lock:
             pipes = list(self._closing) + ([self._run.pipeline] if self._run else [])

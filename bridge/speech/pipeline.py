@@ -242,6 +242,13 @@ class SpeechPipeline(CrashResume):
         return self._handoff.waiting
 
     @property
+    def settled(self) -> bool:
+        """Every conversation it saw is in the outbox: none open, transcribing or waiting to be
+        handed on (``omi-bridge sync`` waits for this before its summary)."""
+        with self._lock:
+            return not self._convs and not self._unhanded
+
+    @property
     def in_conversation(self) -> bool:
         return self._conv is not None
 
