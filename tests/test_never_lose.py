@@ -256,17 +256,17 @@ def test_a_full_disk_pauses_capture_says_where_and_resumes_by_itself(
         assert worker.wait_idle(TIMEOUT)
         ballast = fill(small_disk)
         feed(pipeline, np.concatenate([clip("ljspeech/LJ001-0004.wav"), silence(1.0)]))
-        pause = pipeline.disk_paused
+        pause = pipeline.disk.paused
         assert pause is not None and pause.path == str(pipeline.dir) and pause.free_bytes < 64 * 1024
         assert "capture paused since" in pause.describe() and "free" in pause.describe()
         assert any(str(pipeline.dir) in r.getMessage() and "free" in r.getMessage()
                    and r.levelno == logging.ERROR for r in caplog.records)
         spool_state_readable(pipeline)
         feed(pipeline, silence(2.0))  # still full: still paused, nothing breaks
-        assert pipeline.disk_paused is not None
+        assert pipeline.disk.paused is not None
         ballast.unlink()
         feed(pipeline, silence(1.5))  # looked at once a second of audio
-        assert pipeline.disk_paused is None and pipeline.disk_pauses == 1
+        assert pipeline.disk.paused is None and pipeline.disk.pauses == 1
         assert any("capture resumes" in r.getMessage() for r in caplog.records)
         feed(pipeline, np.concatenate([clip("ljspeech/LJ001-0006.wav"), silence(1.0)]))
         pipeline.close()

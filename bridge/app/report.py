@@ -181,7 +181,7 @@ def snapshot(bridge: BridgeView, ob: dict[str, Any]) -> HealthSnapshot:
 
 
 def _pause_text(pipeline: Any) -> str | None:
-    pause = getattr(pipeline, "disk_paused", None)
+    pause = getattr(getattr(pipeline, "disk", None), "paused", None)
     return None if pause is None else str(pause.describe())
 
 

@@ -273,7 +273,7 @@ def _refuse_if_daemon(config: Config, device: DeviceConfig) -> Any:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from bridge.devices.omi.sync import BYTES_PER_AUDIO_SECOND
+    from bridge.devices.omi.transfers import BYTES_PER_AUDIO_SECOND
 
     config = load_config(args.config, required=True)
     device = pick_device(config, args.device)

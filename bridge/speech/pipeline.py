@@ -34,7 +34,7 @@ from bridge.core.records import Conversation, Segment
 from bridge.speech import spool
 from bridge.speech.asr.worker import GAP_SECONDS, AsrWorker, Piece, RawSegment, Window
 from bridge.speech.conversations import OpenConversation, Utterance, live_session_id
-from bridge.speech.diskguard import DiskGuard, DiskPause
+from bridge.speech.diskguard import DiskGuard
 from bridge.speech.handoff import HandOff
 from bridge.speech.quarantine import QUARANTINE_DIR, set_aside
 from bridge.speech.resume import CrashResume, OpenUtterance, Resumable
@@ -95,23 +95,13 @@ class SpeechPipeline(CrashResume):
         self._window_max = int(config.asr.window_seconds * SAMPLE_RATE)
         self._glue = int(GAP_SECONDS * SAMPLE_RATE)
         self.disk = DiskGuard(self.dir, self.label)
-        """Whether capture is paused for a full disk (``disk_paused``), and when it may resume."""
+        """Whether capture is paused for a full disk (``disk.paused``), and when it may resume."""
         self._handoff = HandOff(self.label, on_conversation)
         self.quarantine_dir = self.dir.parent.parent / QUARANTINE_DIR / self.dir.name
         """Utterances that never transcribed ([asr] max_attempts), kept for a person to look at."""
         self.quarantined = sum(1 for _ in self.quarantine_dir.glob("*/*.pcm"))
         """Utterances in the quarantine folder (this run's and earlier ones')."""
         self._resumable: Resumable | None = None
-
-    @property
-    def disk_paused(self) -> DiskPause | None:
-        """Set while capture is paused because the spool cannot be written (full disk)."""
-        return self.disk.paused
-
-    @property
-    def disk_pauses(self) -> int:
-        """Pauses for the disk that ended since start."""
-        return self.disk.pauses
 
     @property
     def emitted(self) -> int:
@@ -243,10 +233,9 @@ class SpeechPipeline(CrashResume):
 
     @property
     def settled(self) -> bool:
-        """Every conversation it saw is in the outbox: none open, transcribing or waiting to be
-        handed on (``omi-bridge sync`` waits for this before its summary)."""
+        """Every conversation it saw is in the outbox (``omi-bridge sync`` waits for this)."""
         with self._lock:
-            return not self._convs and not self._unhanded
+            return not self._convs and not self._handoff.waiting
 
     @property
     def in_conversation(self) -> bool:
