@@ -69,8 +69,6 @@ CV1_RATE = 32_000.0
 """A CV1's read rate after the firmware's sync speed-up (omi-storage.md §8)."""
 CPU_GOAL_PERCENT = 2.0
 LAG_GOAL_SECONDS = 60.0
-HOUR_TRANSFER_SECONDS = 3600 * 4_400 / CV1_RATE
-"""One hour of stored audio at ≈ 4.4 kB/s of records, read at 32 kB/s: ≈ 8 minutes."""
 CPU_MB = 1.0
 CPU_RUNS = 3
 PACE_MINUTES = 16.0
@@ -337,8 +335,12 @@ class PaceRun:
         t, b = np.array(half).T
         return float(np.polyfit(t, b, 1)[0])
 
+    def hour_transfer(self) -> float:
+        """An hour of this stored audio at this run's transfer rate, seconds."""
+        return 3600.0 * self.stored_mb / self.audio_seconds * self.transfer_seconds / self.stored_mb
+
     def hour_lag(self) -> float:
-        rest = max(0.0, HOUR_TRANSFER_SECONDS - self.transfer_seconds)
+        rest = max(0.0, self.hour_transfer() - self.transfer_seconds)
         return self.lag_seconds + max(0.0, self.slope()) * rest
 
 
@@ -423,9 +425,9 @@ def run_pace(res: Results) -> None:
                  f"{run.conversations} of "
                  f"{run.expected} conversations stored by the API; transcription backlog peak "
                  f"{peak:.0f} s, {at_end:.0f} s at the transfer's end, growth {run.slope():+.3f} s per s "
-                 f"over its second half (1 h = this lag + growth × {HOUR_TRANSFER_SECONDS:.0f} s of "
-                 f"transfer); daemon CPU {100 * run.daemon_cpu:.0f} % of a core from the transfer's "
-                 "start to the last conversation, ASR included; 1 run")
+                 f"over its second half (1 h = this lag + growth × the rest of its "
+                 f"{run.hour_transfer():.0f} s of transfer); daemon CPU {100 * run.daemon_cpu:.0f} % "
+                 "of a core from the transfer's start to the last conversation, ASR included; 1 run")
     res.plots["offline_pace"] = run.backlog
     print(f"offline pace: lag {run.lag_seconds:.1f} s, 1 h {lag:.1f} s, peak backlog {peak:.0f} s")
 
