@@ -91,7 +91,7 @@ READY_TIMEOUT_SECONDS = 10.0
 MIN_LUA_CHUNK = 20
 """Below this ``max_length()`` Frame never learned the MTU (frame.md §5): give up."""
 
-# --- Lua errors as the glasses print them (frame.md §4 and "Lua environment") ----------------------
+# --- Lua errors as the glasses print them (frame.md §4, §15) --------------------------------
 LUA_ERROR = re.compile(r'\[string ".*"\]:\d+: |stack traceback:|^break signal$|'
                        r"attempt to (index|call|perform|concatenate|compare) ")
 """The REPL prints a failed chunk's error as text: ``luaL_dostring`` names a chunk by its own
@@ -403,7 +403,7 @@ class FrameSession:
             await self._lua(f'_omib_f:write({lua_quote(piece)})print("{token}")',
                             step="writing the app file", reply=functools.partial(operator.eq, token))
         # Nothing to invalidate: the firmware's require reads the file again on every call
-        # (file.c; frame.md "Lua environment"), and there is no `package` table to clear.
+        # (file.c; frame.md §15), and there is no `package` table to clear.
         await self._lua('_omib_f:close() _omib_f=nil print("omib:c")', step="closing the app file",
                         reply=lambda t: t == "omib:c")
 
