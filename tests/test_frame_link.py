@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omi_bridge_sim.frame import FrameModel, load_wav_16k
+from omi_bridge_sim.frame import BOOT_CHUNK, FrameModel, load_wav_16k
 
 from bridge.cli.listen import async_listen
 from bridge.config import Config, DeviceConfig, FrameOptions, LinkOptions
 from bridge.core.errors import BridgeError
-from bridge.devices.frame.session import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond
+from bridge.devices.frame import session as frame_session
+from bridge.devices.frame.session import APP_MODULE, CMD_STOP, MSG_AUDIO, async_bond, is_lua_error
 from bridge.devices.link import DeviceLink
 
 pytest.importorskip("lupa")
@@ -81,6 +82,15 @@ async def finish(stop: asyncio.Event, task: asyncio.Task) -> None:
     await asyncio.wait_for(task, TIMEOUT)
 
 
+BOOT_ERROR = f'[string "{BOOT_CHUNK.decode()}"]:1: cannot open file: main.lua'
+"""What the firmware prints after a reset when there is no main.lua: its own, not ours."""
+
+
+def lua_errors(model: FrameModel) -> list[str]:
+    """Lua errors the glasses printed, other than the firmware's own boot message."""
+    return [t for t in model.printed if is_lua_error(t) and t != BOOT_ERROR]
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     n = min(len(a), len(b))
     return float(np.corrcoef(a[:n].astype(float), b[:n].astype(float))[0, 1])
@@ -117,6 +127,30 @@ async def test_uploaded_app_streams_the_glasses_audio_into_the_timeline(fake_blu
     assert model.mic_overruns == 0
     # The app paused the mic when we said goodbye (CMD_STOP).
     await wait_for(lambda: not model.mic_running, "the mic to stop")
+    # Everything the bridge ran fits the firmware's Lua (no package, io or os there).
+    assert lua_errors(model) == []
+
+
+async def test_desktop_lua_in_a_set_up_chunk_fails_that_step_with_the_glasses_error(
+        fake_bluez, fixture_wav, monkeypatch):
+    # The close chunk as it once was: fine on a desktop Lua, an error on the glasses.
+    upload = frame_session.FrameSession._upload
+
+    async def upload_with_desktop_close(self, source):
+        await upload(self, source)
+        await self._lua(f'package.loaded["{APP_MODULE}"]=nil print("omib:c")',
+                        step="closing the app file", reply=lambda t: t == "omib:c")
+
+    monkeypatch.setattr(frame_session.FrameSession, "_upload", upload_with_desktop_close)
+    model = FrameModel(address=ADDRESS, source=fixture_wav)
+    _link, sink, _stop, task = await start_link(fake_bluez, model, raise_errors=True)
+    with pytest.raises(BridgeError) as failed:
+        await asyncio.wait_for(task, TIMEOUT)
+    message = str(failed.value)
+    assert "closing the app file failed on the glasses" in message
+    assert "attempt to index a nil value (global 'package')" in message
+    assert "firmware" in failed.value.hint
+    assert sink.samples == 0
 
 
 async def test_lost_packets_are_counted_and_become_silence_of_their_length(fake_bluez, fixture_wav):
@@ -235,7 +269,7 @@ async def test_another_apps_main_lua_is_stopped_and_kept(fake_bluez, fixture_wav
     assert link.stats.lost_frames == 0
 
 
-async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez, fixture_wav):
+async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez, fixture_wav, caplog):
     model = FrameModel(address=ADDRESS, source=fixture_wav)
     await fake_bluez.add_device(model, paired=True)
     sink = Sink()
@@ -253,6 +287,10 @@ async def test_if_the_app_on_the_glasses_dies_the_bridge_restarts_it(fake_bluez,
     await wait_for(lambda: sink.samples > after + 8_000, "audio again")
     await finish(stop, task)
     assert link.stats.reconnects >= 1 and sink.samples > after + 8_000
+    # The bridge ended that connection itself: it says why, and never calls it a lost link.
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the Frame app stopped" in m and "break signal" in m for m in messages)
+    assert not any("link lost" in m for m in messages)
 
 
 async def test_a_mic_pause_while_connected_becomes_silence_not_lost_time(fake_bluez, fixture_wav):

@@ -71,6 +71,7 @@ class DeviceLink:
             device, options, lambda: cls(self.context), self.stats,
             service_uuids=cls.SERVICE_UUIDS, raise_errors=raise_errors,
             on_link_down=self._link_down)
+        self.context.end_connection = self.supervisor.end_connection
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the link until ``stop`` is set; then disconnect and return."""

@@ -53,6 +53,10 @@ Policy (after Home Assistant's bleak-retry-connector):
   ``BleakError("... not found")``, §9.2).
 - ``disconnected_callback`` also fires on our own ``disconnect()`` (§9.3): the
   ``_expected_disconnect`` flag tells our disconnects from link loss.
+- A session that gives up on its device while connected (Frame's app died) calls
+  ``SessionContext.end_connection``: the disconnect is ours (expected), the reason becomes the
+  link's last error, and the next attempt backs off like a failure, so a device that keeps
+  failing the same way is not reconnected in a tight loop.
 - Nothing escapes ``run()`` except cancellation (and, with ``raise_errors``, ``BridgeError``).
 """
 
@@ -112,6 +116,11 @@ class SessionContext:
     """Where audio work runs: every write to ``timeline`` (and any decoding before it) goes
     through ``capture.submit`` from the loop, so it keeps its order with the link's gap fills
     (bridge/audio/capture.py)."""
+    end_connection: Callable[[str], None] = field(default=lambda _why: None)
+    """A session calls it to end its connection on purpose (e.g. the app on Frame died): the
+    supervisor disconnects as its own disconnect, not a lost link, reports ``why`` as the
+    link's last error and reconnects with the back-off of a failure (``LinkSupervisor.
+    end_connection``). ``DeviceLink`` wires it to its supervisor."""
 
     @property
     def label(self) -> str:
@@ -149,6 +158,7 @@ class LinkSupervisor:
         self._rand = rand
         self._expected_disconnect = False
         self._lost = asyncio.Event()
+        self._ended = asyncio.Event()
         self.session: Any = None
         """The session of the current (or last) connection."""
         self._connections = 0
@@ -186,9 +196,10 @@ class LinkSupervisor:
             else:
                 if reason == "stop":
                     break
-                if reason == "silent":
+                if reason in ("silent", "ended"):
                     # Connected but never a byte of data (e.g. MTU < 100, or another app holds the
-                    # audio): reconnecting at once would repeat forever, so back off like a failure.
+                    # audio), or the session gave up on the device: reconnecting at once could
+                    # repeat forever, so back off like a failure.
                     failures += 1
                     delay = backoff_seconds(failures, self.options, TRANSIENT, self._rand)
                 else:
@@ -227,11 +238,13 @@ class LinkSupervisor:
 
     async def _async_connection(self, stop: asyncio.Event) -> str:
         """One connection from lookup to its end; returns why it ended: "stop" (asked to),
-        "lost" (link loss), "watchdog" (data stopped) or "silent" (no data at all)."""
+        "lost" (link loss), "watchdog" (data stopped), "silent" (no data at all) or "ended" (the
+        session ended it, ``end_connection``)."""
         device = await self._async_find(stop)
         if stop.is_set():
             return "stop"
         self._lost.clear()
+        self._ended.clear()
         self._expected_disconnect = False
         client = BleakClient(device, self._on_disconnected, timeout=self.options.connect_timeout_seconds,
                              bluez=client_args(self.options.adapter))
@@ -263,11 +276,15 @@ class LinkSupervisor:
         reason = "stop"
         try:
             while not stop.is_set():
-                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait())]
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait()),
+                           asyncio.ensure_future(self._ended.wait())]
                 _done, pending = await asyncio.wait(waiters, timeout=TICK_SECONDS,
                                                    return_when=asyncio.FIRST_COMPLETED)
                 for w in pending:
                     w.cancel()
+                if self._ended.is_set():
+                    reason = "ended"
+                    break
                 if self._lost.is_set():
                     reason = "lost"
                     break
@@ -284,18 +301,25 @@ class LinkSupervisor:
                 _LOGGER.warning("%s sent no data for %g s%s; reconnecting", self.label,
                                 self.options.watchdog_seconds,
                                 "" if reason == "watchdog" else " since connecting")
-            if reason != "lost":
+            if reason not in ("lost", "ended"):
                 stop_hook = getattr(session, "async_stop", None)
                 if stop_hook is not None and client.is_connected:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(DISCONNECT_TIMEOUT):
                             await stop_hook(client)
+            if reason != "lost":
                 await self._async_disconnect(client)
             session.connection_lost()
             if self._on_link_down is not None:
                 self._on_link_down()
             self.disconnected_event.set()
         return reason
+
+    def end_connection(self, why: str) -> None:
+        """End the current connection on purpose (``SessionContext.end_connection``)."""
+        self._expected_disconnect = True  # the disconnect that follows is ours
+        self.stats.last_error = why
+        self._ended.set()
 
     async def _async_connect(self, client: BleakClient) -> None:
         """Connect (and resolve services) while no other link connects on this adapter: BlueZ

@@ -14,8 +14,8 @@ emulated ``frame`` API:
   (text, dropped when the slot is busy or it is longer than MTU − 3), frame.md §4–§5.
 - ``frame.microphone`` fed in real time from a 16 kHz int16 source with the firmware's formats,
   ~2 s FIFO that silently wraps, ``""``/``nil`` semantics and errors (frame.md §6).
-- The firmware's Lua environment and nothing more (luaport.c, file.c; frame.md "Lua
-  environment"): the base, coroutine, table, string, math, utf8 and debug libraries; no
+- The firmware's Lua environment and nothing more (luaport.c, file.c; frame.md §15):
+  the base, coroutine, table, string, math, utf8 and debug libraries; no
   ``package``, ``io`` or ``os``; ``require(NAME)`` runs ``NAME.lua`` from Frame's filesystem on
   every call (no cache); REPL errors read ``[string "<chunk>"]:N: …`` as ``luaL_dostring``'s do;
   a VM start runs ``frame.stay_awake(false); require('main')`` and prints its error.
@@ -81,7 +81,7 @@ BOOT_QUIET_ERROR = b"[string \"require('main')\"]:1: cannot open file: main.lua"
 """The one boot error the firmware means not to print (no main.lua). Since fw v24.267 the boot
 chunk has a different text, so this never matches and the glasses print
 ``[string "frame.stay_awake(false); require('main')"]:1: cannot open file: main.lua`` after every
-reset without main.lua (frame.md: Lua environment) [derived]. Kept so the emulation stays as
+reset without main.lua (frame.md §15) [derived]. Kept so the emulation stays as
 exact as the firmware is."""
 
 DEFAULT_FIRMWARE = "v25.278.1113"
@@ -210,7 +210,7 @@ function require(name)
 end
 
 -- dofile/loadfile are in the firmware's base library but go through C stdio, which has no
--- file system behind it on the glasses (frame.md: Lua environment) [derived].
+-- file system behind it on the glasses (frame.md section 15) [derived].
 function loadfile(name)
     return nil, "cannot open " .. tostring(name)
 end

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import logging
 import operator
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -91,6 +92,16 @@ READY_TIMEOUT_SECONDS = 10.0
 MIN_LUA_CHUNK = 20
 """Below this ``max_length()`` Frame never learned the MTU (frame.md §5): give up."""
 
+# --- Lua errors as the glasses print them (frame.md §4, §15) --------------------------------
+LUA_ERROR = re.compile(r'\[string ".*"\]:\d+: |stack traceback:|^break signal$|'
+                       r"attempt to (index|call|perform|concatenate|compare) ")
+"""The REPL prints a failed chunk's error as text: ``luaL_dostring`` names a chunk by its own
+text, so its errors (and a ``require``d file's) read ``[string "…"]:N: …``; a break reads
+``break signal``; ``debug.traceback`` output holds ``stack traceback:``."""
+LUA_ERROR_HINT = ("the Lua the bridge sends does not run on this firmware; update Frame's firmware "
+                  "(the bridge follows the Lua of frame-codebase v24.267 and later) and report "
+                  "this error")
+
 
 def app_source() -> tuple[str, str]:
     """(hash, Lua text) of the app we upload; the hash is of the template, so it changes exactly
@@ -146,6 +157,16 @@ class FrameProtocolError(Exception):
     """Frame did not answer as expected; the link is remade (not a user problem)."""
 
 
+class FrameLuaError(BridgeError):
+    """A chunk the bridge sent raised a Lua error on the glasses: retrying at once would fail
+    the same way, so the link backs off like any device problem and says what failed."""
+
+
+def is_lua_error(text: str) -> bool:
+    """Whether a text notification is a Lua error the glasses printed (``LUA_ERROR``)."""
+    return LUA_ERROR.search(text) is not None
+
+
 class FrameSession:
     """One connection to Frame glasses: a session for ``LinkSupervisor`` (see its docstring).
 
@@ -180,9 +201,11 @@ class FrameSession:
     async def _write(self, data: bytes) -> None:
         await self._client.write_gatt_char(FRAME_WRITE, data, response=True)
 
-    async def _lua(self, code: str, *, reply: Callable[[str], bool],
-                   timeout: float = REPLY_TIMEOUT_SECONDS) -> str:
-        """Run one Lua chunk at the REPL and wait for the print ``reply`` accepts."""
+    async def _lua(self, code: str, *, step: str, reply: Callable[[str], bool],
+                   timeout: float = REPLY_TIMEOUT_SECONDS, errors_fail: bool = True) -> str:
+        """Run one Lua chunk at the REPL and wait for the print ``reply`` accepts. A Lua error
+        printed meanwhile fails ``step`` (unless ``errors_fail`` is off: while taking over, the
+        glasses may still print what the previous program or the boot chunk raised)."""
         data = code.encode()
         if self.max_length and len(data) > self.max_length + 1:
             raise FrameProtocolError(f"Lua chunk of {len(data)} bytes exceeds the link's MTU")
@@ -198,6 +221,9 @@ class FrameSession:
                 raise FrameProtocolError(f"no reply from Frame to {code[:40]!r}") from None
             if reply(text):
                 return text
+            if errors_fail and is_lua_error(text):
+                raise FrameLuaError(f"{self._label}: {step} failed on the glasses: {text}",
+                                    LUA_ERROR_HINT)
             _LOGGER.debug("%s: ignoring text %r while waiting", self._label, text)
 
     def _drain_texts(self) -> None:
@@ -307,14 +333,16 @@ class FrameSession:
             self._drain_texts()
             token = f"omib:sync{attempt}"
             try:
-                await self._lua(f'print("{token}")', reply=functools.partial(operator.eq, token))
+                await self._lua(f'print("{token}")', step="taking over the REPL",
+                                reply=functools.partial(operator.eq, token), errors_fail=False)
                 return
             except FrameProtocolError:
                 _LOGGER.info("%s: REPL did not answer, breaking again", self._label)
         raise FrameProtocolError("Frame's Lua REPL does not answer break/reset")
 
     async def _query(self) -> None:
-        text = await self._lua("print(frame.bluetooth.max_length())", reply=str.isdigit)
+        text = await self._lua("print(frame.bluetooth.max_length())", step="asking the MTU",
+                               reply=str.isdigit)
         self.max_length = int(text)
         if self.max_length < MIN_LUA_CHUNK:
             raise FrameProtocolError(f"Frame reports max_length {self.max_length}: MTU not negotiated")
@@ -322,7 +350,7 @@ class FrameSession:
             f'local ok,m=pcall(require,"{APP_MODULE}") '
             'print("omib:i|"..frame.FIRMWARE_VERSION.."|"..math.floor(frame.battery_level()).."|"'
             '..(ok and type(m)=="table" and m.APP_HASH or "-"))',
-            reply=lambda t: t.startswith("omib:i|"))
+            step="asking firmware, battery and the stored app", reply=lambda t: t.startswith("omib:i|"))
         _, firmware, battery, stored = info.split("|", 3)
         self._stats.firmware = firmware
         with contextlib.suppress(ValueError):
@@ -334,14 +362,16 @@ class FrameSession:
     async def _upload(self, source: str) -> None:
         _LOGGER.info("%s: uploading the Frame app (%d bytes)", self._label, len(source))
         await self._lua(f'_omib_f=frame.file.open("{APP_MODULE}.lua","write") print("omib:o")',
-                        reply=lambda t: t == "omib:o")
+                        step="opening the app file", reply=lambda t: t == "omib:o")
         budget = self.max_length + 1 - len('_omib_f:write("")print("omib:w00000")')
         for i, piece in enumerate(quoted_pieces(source, budget)):
             token = f"omib:w{i}"
             await self._lua(f'_omib_f:write({lua_quote(piece)})print("{token}")',
-                            reply=functools.partial(operator.eq, token))
-        await self._lua(f'_omib_f:close() _omib_f=nil package.loaded["{APP_MODULE}"]=nil '
-                        'print("omib:c")', reply=lambda t: t == "omib:c")
+                            step="writing the app file", reply=functools.partial(operator.eq, token))
+        # Nothing to invalidate: the firmware's require reads the file again on every call
+        # (file.c; frame.md §15), and there is no `package` table to clear.
+        await self._lua('_omib_f:close() _omib_f=nil print("omib:c")', step="closing the app file",
+                        reply=lambda t: t == "omib:c")
 
     async def _run_app(self) -> None:
         opts = self._options
@@ -356,6 +386,9 @@ class FrameSession:
             raise FrameProtocolError("the Frame app did not report ready") from None
         if not text.startswith(READY_PREFIX) or self._decoder is None:
             self._expect_ready = False
+            if is_lua_error(text):
+                raise FrameLuaError(f"{self._label}: starting the app failed on the glasses: {text}",
+                                    LUA_ERROR_HINT)
             raise FrameProtocolError(f"the Frame app failed to start: {text}")
         await self._write(CMD_HEARTBEAT)
         _LOGGER.info("%s: streaming %d Hz / %d-bit, %d-byte packets", self._label,
@@ -393,19 +426,14 @@ class FrameSession:
 
     # --- running / ending -------------------------------------------------------------------------
     def _app_failed(self, text: str) -> None:
-        """The app on the glasses died (a Lua error was printed): drop the link so the supervisor
-        reconnects and restarts it now instead of waiting for the watchdog."""
+        """The app on the glasses died (a Lua error was printed): have the supervisor end this
+        connection on purpose, so it restarts the app now instead of waiting for the watchdog,
+        and counts the disconnect as ours rather than as a lost link."""
         if self._closing:
             return
         self._closing = True
         _LOGGER.warning("%s: the Frame app stopped: %s; reconnecting", self._label, text)
-        client = self._client
-        if client is not None:
-            asyncio.get_running_loop().create_task(self._disconnect(client))
-
-    async def _disconnect(self, client: Any) -> None:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
+        self.ctx.end_connection(f"the Frame app stopped on the glasses: {text}")
 
     async def async_stop(self, client: Any) -> None:
         """Our own disconnect: tell the app to pause the mic now (it would after the heartbeat
