@@ -325,9 +325,11 @@ class Daemon:
                      + [d.offline for d in self.devices if d.offline is not None])
         return float(sum(p.backlog_seconds() for p in pipelines))
 
-    def outbox_status(self) -> dict[str, Any]:
+    def outbox_status(self, *, fresh: bool = False) -> dict[str, Any]:
+        """The outbox's counts and schedule, read at most every ``OUTBOX_REFRESH_SECONDS``
+        unless ``fresh``."""
         now = time.monotonic()
-        if self.outbox is not None and now - self._outbox_checked >= OUTBOX_REFRESH_SECONDS:
+        if self.outbox is not None and (fresh or now - self._outbox_checked >= OUTBOX_REFRESH_SECONDS):
             from bridge.outbox.sender import outbox_status
 
             try:

@@ -43,6 +43,9 @@ GAP_SECONDS = 5.0
 """A short conversation gap so the demo's conversation closes soon after the clip ends."""
 SENT_WAIT_SECONDS = 5.0
 READY_POLL_SECONDS = 0.1
+AWAY_MINUTES = 20.0
+"""The Omi scene starts with the wearer back from a walk: the pendant stored what was said this
+long ago, out of the bridge's range, and the bridge fetches it on connect (offline sync)."""
 DEADLINE_SECONDS = 240.0
 """Give up (and say why) if no conversation arrived by then; normally it takes about 40 s."""
 
@@ -85,10 +88,17 @@ async def _add_device(fake: Any, kind: str) -> None:
 
         await fake.add_device(FrameModel(address=DEMO_ADDRESS["frame"], source=_speech()), paired=True)
     else:
-        from omi_bridge_sim.omi import OmiModel
+        from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
+        from omi_bridge_sim.omi import FrameEncoder, OmiModel
+        from omi_bridge_sim.omi_storage import PendantStorage
 
+        # While away the pendant recorded to its storage (no central connected), stamping each
+        # record with its clock, as the firmware does (docs/reference/omi-storage.md).
+        storage = PendantStorage()
+        storage.record_clip(load_pcm16k(demo_speech_path()), time.time() - AWAY_MINUTES * 60,
+                            FrameEncoder(21))
         await fake.add_device(OmiModel(address=DEMO_ADDRESS["omi"], name="Omi", audio=_speech(),
-                                       after_clip="silence"))
+                                       after_clip="silence", firmware="3.0.20", storage=storage))
 
 
 async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
@@ -138,16 +148,21 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
             await _add_device(fake, kind)
             say(f"simulated {kind} {DEMO_ADDRESS[kind]} is switched on and speaking "
                 f"(~{len(_speech()) / SAMPLE_RATE:.0f} s of speech, then silence)")
-            arrived = await asyncio.to_thread(api.wait_until, lambda: bool(api.conversations()) or
-                                              task.done(), DEADLINE_SECONDS)
+            expected = 1
+            if kind == "omi":
+                expected = 2
+                say(f"its wearer is back from {AWAY_MINUTES:g} minutes away: what was said out of "
+                    "range is on the pendant's storage, and the bridge fetches it as it connects")
+            arrived = await asyncio.to_thread(
+                api.wait_until, lambda: len(api.conversations()) >= expected or task.done(),
+                DEADLINE_SECONDS)
             if arrived and not task.done():
                 # What `omi-bridge status` would print at this moment.
                 from bridge.cli.status import format_status
 
                 # The API stored it; give the sender a moment to record the answer it just got.
                 for _ in range(int(SENT_WAIT_SECONDS / 0.1)):
-                    daemon._outbox_checked = 0.0
-                    if (daemon.outbox_status().get("counts") or {}).get("sent"):
+                    if (daemon.outbox_status(fresh=True).get("counts") or {}).get("sent", 0) >= expected:
                         break
                     await asyncio.sleep(0.1)
                 print("\n" + format_status({**daemon.state(), "running": True}) + "\n", file=out)
@@ -161,15 +176,15 @@ async def async_demo(kind: str, work: Path, out: Any = sys.stdout) -> int:
                 say(f"no conversation reached the API within {DEADLINE_SECONDS:.0f} s; "
                     "see the log above")
                 return 1
-            conv = convs[0]
-            say(f"conversation delivered after {time.monotonic() - t0:.0f} s")
-            print(f"\nserver id:         {conv.id}", file=out)
-            print(f"client_session_id: {conv.client_session_id}", file=out)
-            print(f"source:            {conv.body.get('source')}", file=out)
-            print(f"started_at:        {conv.body.get('started_at')}", file=out)
-            print("transcript:", file=out)
-            for seg in conv.body.get("transcript_segments", []):
-                print(f"  [{seg['start']:6.2f}–{seg['end']:6.2f}] {seg['text']}", file=out)
+            say(f"{len(convs)} conversation(s) delivered after {time.monotonic() - t0:.0f} s")
+            for conv in sorted(convs, key=lambda c: str(c.body.get("started_at"))):
+                print(f"\nserver id:         {conv.id}", file=out)
+                print(f"client_session_id: {conv.client_session_id}", file=out)
+                print(f"source:            {conv.body.get('source')}", file=out)
+                print(f"started_at:        {conv.body.get('started_at')}", file=out)
+                print("transcript:", file=out)
+                for seg in conv.body.get("transcript_segments", []):
+                    print(f"  [{seg['start']:6.2f}–{seg['end']:6.2f}] {seg['text']}", file=out)
             print("\nOn a Raspberry Pi with a real pendant: see README, 'Install on a Raspberry Pi'.",
                   file=out, flush=True)
             return 0

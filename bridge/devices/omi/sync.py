@@ -154,14 +154,12 @@ class PendantSync:
             result.error = f"firmware revision {firmware!r} is not MAJOR.MINOR.PATCH"
             _LOGGER.warning("%s offline sync: %s, so its storage protocol is unknown; not syncing "
                             "(live audio is unaffected)", self.label, result.error)
-            self.status.state, self.status.last_error = "off", result.error
-            return result
+            return self._off(result)
         if client.services.get_characteristic(st.STORAGE_DATA) is None:
             result.error = "no storage service"
             _LOGGER.info("%s has no offline storage service (firmware %s); nothing to sync",
                          self.label, firmware)
-            self.status.state, self.status.last_error = "off", result.error
-            return result
+            return self._off(result)
         self.spool.state["protocol"] = generation.value
         answers = transfers.Answers()
         notes = BatchedNotifications(f"{self.label} storage", answers.on_batch, period=0.05)
@@ -230,6 +228,13 @@ class PendantSync:
             self.new_data.set()
             self.sync_ended.set()
             self._progress()
+        return result
+
+    def _off(self, result: SyncResult) -> SyncResult:
+        """No sync on this pendant: still a sync that ended, for whoever waits on it."""
+        self.status.state, self.status.last_error = "off", result.error
+        self.sync_ended.set()
+        self._progress()
         return result
 
     async def write_command(self, client: BleakClient, data: bytes) -> None:
