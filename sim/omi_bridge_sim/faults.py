@@ -3,8 +3,10 @@ with transcription failing on purpose now and then (for crash-and-fault tests).
 
 The real backend ``[asr] backend`` names is built as usual and wrapped: each window raises
 ``RuntimeError`` with probability ``$OMI_BRIDGE_SIM_ASR_FAIL_RATE`` (0–1, default 0) instead of
-being transcribed, as an engine out of memory would. Every injected failure is appended as one
-line to ``$OMI_BRIDGE_SIM_ASR_FAULT_LOG`` (when set), so a test can count them across restarts.
+being transcribed, as an engine out of memory would; the first ``$OMI_BRIDGE_SIM_ASR_FAIL_FIRST``
+windows of each process fail in any case (a test that must see a fault). Every injected failure
+is appended as one line to ``$OMI_BRIDGE_SIM_ASR_FAULT_LOG`` (when set), so a test can count them
+across restarts.
 Everything else (the daemon, the worker's retry policy, the spool) is the product unchanged.
 """
 
@@ -24,18 +26,21 @@ from bridge.speech.asr.backend import AsrBackend, WindowResult
 
 FAIL_RATE_ENV = "OMI_BRIDGE_SIM_ASR_FAIL_RATE"
 FAULT_LOG_ENV = "OMI_BRIDGE_SIM_ASR_FAULT_LOG"
+FAIL_FIRST_ENV = "OMI_BRIDGE_SIM_ASR_FAIL_FIRST"
 
 
 class FlakyBackend:
     """A real backend that fails a random share of windows."""
 
     def __init__(self, inner: AsrBackend, fail_rate: float, log_path: str | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, fail_first: int = 0) -> None:
         self.inner = inner
         self.fail_rate = fail_rate
         self.log_path = log_path
         self.max_in_flight = inner.max_in_flight
         self.injected = 0
+        self.fail_first = fail_first
+        self._calls = 0
         self._rng = random.Random(seed)
 
     def start(self) -> None:
@@ -45,7 +50,8 @@ class FlakyBackend:
         self.inner.probe()
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> WindowResult:
-        if self._rng.random() < self.fail_rate:
+        self._calls += 1
+        if self._rng.random() < self.fail_rate or self._calls <= self.fail_first:
             self.injected += 1
             if self.log_path:
                 with open(self.log_path, "a", encoding="utf-8") as f:
@@ -70,9 +76,10 @@ def install() -> None:
     real = choose.make_backend
     rate = float(os.environ.get(FAIL_RATE_ENV, "0") or 0)
     log_path = os.environ.get(FAULT_LOG_ENV) or None
+    fail_first = int(os.environ.get(FAIL_FIRST_ENV, "0") or 0)
 
     def make_backend(options: AsrOptions, model: Any = None) -> AsrBackend:
-        return FlakyBackend(real(options, model), rate, log_path)
+        return FlakyBackend(real(options, model), rate, log_path, fail_first=fail_first)
 
     setattr(worker, "make_backend", make_backend)  # noqa: B010 - the name the worker calls
 
