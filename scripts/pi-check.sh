@@ -295,7 +295,8 @@ fi
 t1=$(date +%s)
 
 # --- result ----------------------------------------------------------------------------------
-"$HOST_PY" - "$CACHE/transcript.json" "$report" "$clip" "$MAX_WER" "$((t1 - t0))" <<'EOF'
+status=0
+"$HOST_PY" - "$CACHE/transcript.json" "$report" "$clip" "$MAX_WER" "$((t1 - t0))" <<'EOF' || status=$?
 import json
 import pathlib
 import re
@@ -335,6 +336,73 @@ for key in sorted(used):
     print(f"  {item['name']:<24} {item['version']:<10} {item['file']}")
 sys.exit(0 if wer <= float(max_wer) else 1)
 EOF
-status=$?
-if [ "$status" = 0 ]; then say "PASSED"; else say "FAILED: WER above $MAX_WER"; fi
-exit "$status"
+if [ "$status" != 0 ]; then say "FAILED: WER above $MAX_WER"; exit "$status"; fi
+
+# --- optional step: the installer on the arm64 userland --------------------------------------
+# PI_CHECK_INSTALL=1: `make install` twice, doctor, uninstall and purge, as a user would run them
+# on a fresh Pi, in a copy of the userland (the cached one stays as debootstrap left it). apt
+# fetches bluez and systemd (Raspberry Pi OS has it; a chroot cannot run it, so the unit is
+# enabled offline and doctor's D-Bus and clock checks cannot pass). pip installs offline from the
+# wheels above. ~5 more minutes.
+if [ "${PI_CHECK_INSTALL:-}" = 1 ]; then
+    [ "$BINFMT" = yes ] || fail "installer" "apt and pip in the userland need the qemu-aarch64 binfmt handler"
+    PI="$CACHE/installer-root"
+    for m in "$PI/proc" "$PI/dev"; do if mountpoint -q "$m" 2>/dev/null; then umount -l "$m"; fi; done
+    rm -rf "$PI"
+    mkdir -p "$PI/home/pi/omi-bridge"
+    tar -C "$ROOT" --exclude=./proc/* --exclude=./dev/* --exclude=./sys/* --exclude=./opt/omi-bridge \
+        -cf - . | tar -C "$PI" -xf -
+    git -C "$SRC" ls-files -z | tar -C "$SRC" --null -T - -cf - | tar -C "$PI/home/pi/omi-bridge" -xf -
+    cp /etc/resolv.conf "$PI/etc/resolv.conf"
+    "$HOST_PY" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$PI/tmp/wheels" \
+        "setuptools>=77" wheel >>"$CACHE/download.log" 2>&1 || fail "installer" "see $CACHE/download.log"
+    mount -t proc proc "$PI/proc"; mounted+=("$PI/proc")
+    mount --bind /dev "$PI/dev"; mounted+=("$PI/dev")
+    pi() { chroot "$PI" env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8 \
+           HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels DEBIAN_FRONTEND=noninteractive "$@"; }
+    files() {  # what the installer owns: path, mode, owner, mtime (not the state dir doctor writes)
+        (cd "$PI" && find opt etc/omi-bridge etc/systemd/system usr/local/bin -printf '%p %m %U %T@\n' | sort)
+    }
+    log="$CACHE/installer.log"
+    say "installer: systemd and make in the userland (apt, emulated)"
+    { pi apt-get update -qq && pi apt-get install -y -qq -o Dpkg::Use-Pty=0 systemd make; } >"$log" 2>&1 ||
+        { tail -n 20 "$log" >&2; fail "installer (apt)" "see $log"; }
+    say "installer: make install (emulated pip; a few minutes)"
+    pi sh -c 'cd /home/pi/omi-bridge && make install' >>"$log" 2>&1 ||
+        { tail -n 30 "$log" >&2; fail "installer (make install)" "see $log"; }
+    first="$(files)"
+    pi sh -c 'cd /home/pi/omi-bridge && make install' >"$CACHE/installer-2.log" 2>&1 ||
+        { tail -n 30 "$CACHE/installer-2.log" >&2; fail "installer (second make install)" "see $CACHE/installer-2.log"; }
+    [ "$first" = "$(files)" ] || fail "installer" "the second make install changed files"
+    if grep -E '^install: (wrote|created|linked|installing|added)' "$CACHE/installer-2.log"; then
+        fail "installer" "the second make install redid a step"
+    fi
+    say "installer: the second make install changed nothing"
+    pi systemd-analyze verify /etc/systemd/system/omi-bridge.service >>"$log" 2>&1 ||
+        fail "installer" "systemd-analyze verify rejects the installed unit; see $log"
+    # Fresh install: no key and no device yet, no system bus in a chroot; the rest must be ok.
+    pi runuser -u omi-bridge -- omi-bridge doctor --json >"$CACHE/doctor.json" 2>>"$log" || true
+    "$HOST_PY" - "$CACHE/doctor.json" <<'EOF' || fail "installer (doctor)" "see $CACHE/doctor.json"
+import json
+import sys
+
+checks = json.load(open(sys.argv[1]))["checks"]
+for c in checks:
+    print(f"pi-check:   doctor {c['status']:<4} {c['check']:<8} {c['detail'][:90]}")
+expected = {"config", "dbus"}  # no key or device yet; no system bus without systemd running
+bad = [c for c in checks if c["status"] == "fail" and c["check"] not in expected]
+sys.exit(1 if bad or not any(c["check"] == "asr" and c["status"] == "ok" for c in checks) else 0)
+EOF
+    pi /home/pi/omi-bridge/scripts/install-pi.sh --uninstall >>"$log" 2>&1 || fail "installer (uninstall)" "see $log"
+    if [ -e "$PI/opt/omi-bridge" ] || [ -e "$PI/etc/systemd/system/omi-bridge.service" ] ||
+            [ ! -e "$PI/etc/omi-bridge/config.toml" ]; then
+        fail "installer (uninstall)" "left the service or lost the config"
+    fi
+    pi /home/pi/omi-bridge/scripts/install-pi.sh --uninstall --purge >>"$log" 2>&1 ||
+        fail "installer (purge)" "see $log"
+    if [ -e "$PI/etc/omi-bridge" ] || grep -q '^omi-bridge:' "$PI/etc/passwd"; then
+        fail "installer (purge)" "left /etc/omi-bridge or the user"
+    fi
+    say "installer: uninstall kept the config, --purge removed it and the user"
+fi
+say "PASSED"
