@@ -60,8 +60,8 @@ from bench.daemon import proc_cpu
 from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stored import StoredBlock
+from bridge.devices.link import DeviceLink
 from bridge.devices.omi.sync import PendantSync
-from bridge.link.supervisor import DeviceLink
 
 SYNC_RATE = 100_000.0
 """The ring protocol's rate of the issue's CPU goal, bytes/s."""
