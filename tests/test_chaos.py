@@ -86,6 +86,9 @@ or in part: tiny.en's mishearings, most of them where a kill or a drop cut a sen
 do for you" for "your country can do for you"). The share is of all that was heard, because the
 cut sentences, where most mishearings are, carry text too; duplicates are judged by time
 (``duplicate_segments``), text on silence by ``hallucinated_segments``."""
+REPEATED_MAX = 0.03
+"""Words said but posted more often than heard, as a share of the words heard: a mishearing
+rarely repeats a word; a window posted twice (10 to 20 words) would exceed it."""
 OVERLAP_SECONDS = 0.3
 ALIGN_SECONDS = 1.0
 """Posted segment times against the pendant's clock: Whisper's word times and the daemon's
@@ -558,4 +561,5 @@ def chaos(tmp_path: Path, state_disk: Path, kills: int, seed: int, figures: str)
     assert fig.quarantined == 0, summary
     assert fig.words_recalled >= RECALL_MIN * fig.words_spoken, summary
     assert fig.words_excess <= EXCESS_MAX * fig.words_heard, summary
+    assert fig.words_repeated <= REPEATED_MAX * fig.words_heard, summary
     assert shutil.disk_usage(state_disk).free > 0
