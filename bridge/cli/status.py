@@ -12,7 +12,8 @@ from bridge.config import Config, load_config
 from bridge.core.errors import BridgeError
 
 
-def _span(seconds: float) -> str:
+def format_span(seconds: float) -> str:
+    """A duration for people: 42s, 3m 05s, 2h 10m, 1d 4h."""
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -28,7 +29,7 @@ def _ago(when: Any) -> str:
     if age is None or parsed is None:
         return "never"
     local = parsed.astimezone()
-    return f"{local:%H:%M:%S} ({_span(age)} ago)"
+    return f"{local:%H:%M:%S} ({format_span(age)} ago)"
 
 
 def _until(when: Any) -> str:
@@ -36,7 +37,7 @@ def _until(when: Any) -> str:
     if age is None or parsed is None:
         return "—"
     local = parsed.astimezone()
-    return f"{local:%H:%M:%S} (now)" if age >= 0 else f"{local:%H:%M:%S} (in {_span(-age)})"
+    return f"{local:%H:%M:%S} (now)" if age >= 0 else f"{local:%H:%M:%S} (in {format_span(-age)})"
 
 
 def format_asr_backend(be: dict[str, Any]) -> list[str]:
@@ -56,7 +57,8 @@ def format_asr_backend(be: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _size(nbytes: float) -> str:
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` for people: B, kB or MB."""
     if nbytes < 1000:
         return f"{int(nbytes)} B"
     if nbytes < 1_000_000:
@@ -86,23 +88,23 @@ def format_offline(off: dict[str, Any]) -> list[str]:
     elif waiting == 0:
         head += "nothing waiting on the pendant"
     else:
-        head += f"{_size(waiting)} waiting on the pendant"
+        head += f"{format_bytes(waiting)} waiting on the pendant"
         if off.get("waiting_audio_seconds") is not None:
-            head += f" (≈ {_span(off['waiting_audio_seconds'])} of audio)"
+            head += f" (≈ {format_span(off['waiting_audio_seconds'])} of audio)"
     lines = [head]
     if off.get("state") == "syncing":
         total, fetched = off.get("total_bytes") or 0, off.get("fetched_bytes") or 0
-        line = f"      syncing: {_size(fetched)} of {_size(total)}"
+        line = f"      syncing: {format_bytes(fetched)} of {format_bytes(total)}"
         if off.get("progress") is not None:
             line += f" ({off['progress']:.0%})"
         rate = off.get("rate_bytes_per_second") or 0.0
         if rate > 0:
-            line += f", {_size(rate)}/s, about {_span((total - fetched) / rate)} left"
+            line += f", {format_bytes(rate)}/s, about {format_span((total - fetched) / rate)} left"
         lines.append(line)
     if off.get("last_sync_at"):
         line = f"      last sync {_ago(off['last_sync_at'])}"
         if off.get("last_sync_bytes") is not None:
-            line += f": {_size(off['last_sync_bytes'])} fetched"
+            line += f": {format_bytes(off['last_sync_bytes'])} fetched"
         lines.append(line)
     else:
         lines.append("      last sync: never")
@@ -114,7 +116,7 @@ def format_offline(off: dict[str, Any]) -> list[str]:
                      "clock was not set)")
         lines.append(line)
     if (off.get("fetched_not_transcribed_seconds") or 0) > 0:
-        lines.append(f"      ≈ {_span(off['fetched_not_transcribed_seconds'])} of fetched audio "
+        lines.append(f"      ≈ {format_span(off['fetched_not_transcribed_seconds'])} of fetched audio "
                      "not transcribed yet")
     if off.get("state") == "failed" and off.get("last_error"):
         lines.append(f"      last sync stopped: {off['last_error']} (retried on the next connect)")
@@ -157,7 +159,7 @@ def format_status(info: dict[str, Any]) -> str:
         return f"omi-bridge: {info.get('message')}"
     head = f"omi-bridge is running (pid {info.get('pid') or '?'}"
     if info.get("started_at"):
-        head += f", up {_span(age_seconds(info['started_at']) or 0)}"
+        head += f", up {format_span(age_seconds(info['started_at']) or 0)}"
     head += ", ready)" if info.get("ready") else ", starting)"
     lines = [head]
     if info.get("stale"):

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from bridge.cli.status import format_bytes, format_span
 from bridge.config import Config, DeviceConfig, load_config, resolve_config_path
 from bridge.core.errors import BridgeError
 from bridge.core.kinds import DeviceKind
@@ -67,19 +68,6 @@ def pick_device(config: Config, wanted: str | None) -> DeviceConfig:
     return device
 
 
-def _size(nbytes: float) -> str:
-    if nbytes < 1000:
-        return f"{int(nbytes)} B"
-    if nbytes < 1_000_000:
-        return f"{nbytes / 1000:.0f} kB"
-    return f"{nbytes / 1_000_000:.1f} MB"
-
-
-def _span(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 class Progress:
     """The progress line on stderr: bytes, audio minutes, transfer rate and ETA."""
 
@@ -106,17 +94,17 @@ class Progress:
 
     def line(self, status: SyncStatus, now: float) -> str:
         fetched, total = status.fetched_bytes, status.total_bytes
-        text = f"{self.label}: {_size(fetched)}"
+        text = f"{self.label}: {format_bytes(fetched)}"
         if total:
-            text += f" of {_size(total)} ({min(1.0, fetched / total):.0%})"
+            text += f" of {format_bytes(total)} ({min(1.0, fetched / total):.0%})"
         text += f", ≈ {fetched / self.per_second / 60:.1f} min of audio"
         assert self._start is not None
         elapsed, since = now - self._start[0], fetched - self._start[1]
         if elapsed > 0 and since > 0:
             rate = since / elapsed
-            text += f", {_size(rate)}/s"
+            text += f", {format_bytes(rate)}/s"
             if total > fetched:
-                text += f", ETA {_span((total - fetched) / rate)}"
+                text += f", ETA {format_span((total - fetched) / rate)}"
         return text
 
     def write(self, text: str) -> None:
@@ -152,8 +140,8 @@ class Summary:
                 "conversations": len(self.conversations), "seconds": round(self.seconds, 1)}
 
     def text(self) -> str:
-        head = (f"{self.device}: fetched {_size(self.bytes)} (≈ {_span(self.audio_seconds)} of "
-                f"audio) in {_span(self.seconds)}")
+        head = (f"{self.device}: fetched {format_bytes(self.bytes)} (≈ {format_span(self.audio_seconds)} of "
+                f"audio) in {format_span(self.seconds)}")
         if not self.complete:
             head += f"; the sync stopped: {self.error}"
         n = len(self.conversations)
