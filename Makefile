@@ -17,7 +17,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-# The crash-and-fault test in full (~20 min; `make test` runs its 10-kill short form): 100 SIGKILLs
+# The crash-and-fault test in full (~20 min; `make test` runs its 4-kill short form): 100 SIGKILLs
 # of the daemon while transcription, the API, the disk and the link fail; its figures go to
 # bench/chaos.json (summed up in bench/results.md).
 chaos: setup
