@@ -297,6 +297,26 @@ dir = "{storage}"
     return path
 
 
+def closed(run_dir: Path) -> bool:
+    """The daemon is up, the pendant's conversation closed and every window transcribed."""
+    st = read_state(run_dir)
+    devs = st.get("devices") or [{}]
+    tr = st.get("transcription") or {}
+    return bool(st.get("ready") and not devs[0].get("conversation_open")
+                and tr.get("backlog_seconds") == 0 and not tr.get("utterances_waiting"))
+
+
+def retry_waiting(config: Path, env: dict[str, str]) -> None:
+    """``omi-bridge outbox retry ID`` for every item waiting on a back-off."""
+    cli = [sys.executable, "-m", "bridge", "outbox"]
+    listed = subprocess.run([*cli, "list", "--json", "--config", str(config)], env=env,
+                            capture_output=True, text=True, check=True)
+    for item in json.loads(listed.stdout):
+        if item["state"] == "waiting":
+            subprocess.run([*cli, "retry", str(item["id"]), "--config", str(config)], env=env,
+                           capture_output=True, text=True, check=False)
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((run_dir / "state.json").read_text())
@@ -528,6 +548,10 @@ def chaos(tmp_path: Path, state_disk: Path, kills: int, seed: int, figures: str)
                     roll = rng.random()
                     if forced and kill not in disk_episode_at:
                         roll = {"503": 0.0, "timeout": 0.1, "drop": 0.14}[forced.pop(0)]
+                    if roll < 0.12 and api.faults_pending:
+                        # One API fault waits at a time, so each figure counts a failed request:
+                        # queued faults would fail every POST for the rest of a long run.
+                        roll = 1.0
                     if roll < 0.08:
                         api.inject(503)
                         fig.api_503 += 1
@@ -561,6 +585,10 @@ def chaos(tmp_path: Path, state_disk: Path, kills: int, seed: int, figures: str)
                         and not tr.get("utterances_waiting")
                         and ob.get("queued", 0) + ob.get("waiting", 0) == 0)
 
+            wait_for(lambda: closed(run_dir), DRAIN_TIMEOUT, "the last conversation to close", dlog)
+            # A long outage leaves items on a back-off of up to half an hour; once the faults end
+            # the user asks for them now, as the journal suggests.
+            retry_waiting(config, env)
             wait_for(drained, DRAIN_TIMEOUT, "every conversation to reach Omi", dlog)
             final = read_state(run_dir)
             fig.quarantined = int((final.get("transcription") or {}).get("quarantined") or 0)

@@ -196,6 +196,12 @@ class OmiApiSim:
         with self._cond:
             self._state.delays.extend([seconds] * times)
 
+    @property
+    def faults_pending(self) -> int:
+        """Injected answers (errors and delays) not yet served to a request."""
+        with self._cond:
+            return len(self._state.faults) + len(self._state.delays)
+
     def conversations(self) -> list[StoredConversation]:
         """Completed (stored) conversations, in creation order."""
         with self._cond:
