@@ -190,3 +190,28 @@ def test_an_interrupted_conversation_closes_by_wall_clock_when_no_audio_comes(
     finally:
         worker.stop()
     assert len(delivered) == 1 and delivered[0].segments
+
+
+def test_audio_waiting_for_the_vad_when_the_process_dies_is_kept(
+        tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    """The VAD takes audio in batches of 128 ms; a kill between batches must not lose the part of
+    the word that waited for the next one."""
+    audio, _ = monologue()
+    cfg = config(tmp_path)
+    cut = speech_points(audio, 1, seed=4)[0] + 1000  # mid-word, and not on a batch boundary
+    worker = AsrWorker(cfg.asr, model=model)
+    worker.start()
+    try:
+        old = SpeechPipeline(DEVICE, cfg, worker, lambda c: None,
+                             anchor=datetime.now(UTC) - timedelta(seconds=cut / SAMPLE_RATE))
+        feed(old, audio[:cut])
+        assert old.in_conversation
+        # The run dies here. The next one finds the utterance the kill cut.
+        SpeechPipeline(DEVICE, cfg, worker, lambda c: None).recover(resume=True)
+    finally:
+        worker.stop()
+    (pcm,) = [p for p in tmp_path.glob("spool/*/*/u*.pcm")
+              if json.loads(p.with_suffix(".json").read_text())["samples"] is None]
+    kept = np.fromfile(pcm, dtype=np.int16)
+    assert np.array_equal(kept[-4000:], audio[cut - 4000:cut]), "the audio up to the kill is on disk"
+    assert not list(tmp_path.glob("spool/*/*/*.tail"))

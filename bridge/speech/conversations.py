@@ -147,6 +147,8 @@ class OpenConversation:
             if data is None or not pcm.exists() or key in self.done:
                 self.drop_utterance_files(key)
                 continue
+            if data["samples"] is None:
+                spool.recover_tail(pcm)
             on_disk = spool.pcm_samples(pcm)
             samples = on_disk if data["samples"] is None else min(data["samples"], on_disk)
             if samples <= 0:
@@ -161,7 +163,7 @@ class OpenConversation:
         return cut
 
     def drop_utterance_files(self, key: str) -> None:
-        for p in (self.pcm_path(key), self.meta_path(key)):
+        for p in (self.pcm_path(key), self.meta_path(key), spool.tail_path(self.pcm_path(key))):
             p.unlink(missing_ok=True)
 
     def remove(self) -> None:

@@ -124,6 +124,8 @@ class SpeechPipeline(CrashResume):
             if n:
                 self._frames(data[:n], ready)
             self._rest = data[n:].copy()
+            if self._utt is not None:
+                self._utt.writer.keep_tail(self._rest)
         self._handoff.deliver(ready)
 
     def _frames(self, data: np.ndarray, ready: list[OpenConversation]) -> None:
