@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench import chaos
 from bench.common import ROW_GOALS, ROW_ORDER, ROW_TITLES, Results
 
 HERE = Path(__file__).resolve().parent
@@ -80,7 +81,8 @@ def markdown(res: Results) -> str:
     out.append("A load average above ~1 on these 2 cores means another process competed for a core "
                "during that part: CPU-time figures then rise a little (shared caches, frequency), "
                "wall-time figures (streams, latencies) more.")
-    for title, lines in res.sections:
+    chaos_run = chaos.section()
+    for title, lines in [*res.sections, *([chaos_run] if chaos_run else [])]:
         out += ["", f"## {title}", "", *lines]
     out.append("")
     return "\n".join(out)
