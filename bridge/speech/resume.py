@@ -2,10 +2,10 @@
 
 On start, ``SpeechPipeline.recover(resume=True)`` keeps the newest open conversation open when
 its last speech ended less than ``gap_seconds`` ago: this run's first audio joins it (same
-``client_session_id``), and the utterance the crash cut is continued in the same file, the audio
-missed while the daemon was down written as silence of its true length so later words keep their
-times and Whisper hears the sentence whole. No audio before the gap passes closes it by wall
-clock. ``CrashResume`` is that part of ``SpeechPipeline``.
+``client_session_id``), and the utterance the crash cut is continued in the same file, end to end
+with this run's first audio so Whisper hears the sentence whole; the time the daemon was down is a
+gap before that utterance, so the words after the restart keep their times. No audio before the
+gap passes closes it by wall clock. ``CrashResume`` is that part of ``SpeechPipeline``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-import numpy as np
 
 from bridge.config import Config
 from bridge.core.pcm import SAMPLE_RATE
@@ -130,16 +128,23 @@ class CrashResume:
             self._accept_cut(conv, cut)
             self._submit_packed(conv, [cut])
             return
-        # The audio missed while the daemon was down becomes silence of its true length, so the
-        # words after it keep their times; Whisper then hears the sentence whole.
+        # The pendant sends nothing while no one is subscribed (it throws frames away while
+        # connected, stores them while not: omi-device.md §5.2), so this run's first audio is the
+        # next thing it sent and the halves of the cut word are joined end to end: Whisper hears
+        # the sentence whole, not a word split by seconds of silence. The time the daemon was
+        # down becomes a gap before the utterance (its start moves later); what follows keeps
+        # its true time.
         start = conv.start_sample + cut.offset
         writer = spool.PcmWriter(conv.pcm_path(cut.key), append=True)
-        missed = max(0, -(start + writer.samples))
-        writer.write(np.zeros(missed, dtype=np.int16))
+        down_samples = max(0, -(start + writer.samples))
+        if down_samples:
+            cut.offset += down_samples
+            start += down_samples
+            conv.save_utterance(cut, complete=False)
         self._utt = OpenUtterance(conv, cut, start, writer)
         self._ep.resume(start)
-        _LOGGER.info("%s: continuing the utterance cut by the restart (%.1f s missed)", self.label,
-                     missed / SAMPLE_RATE)
+        _LOGGER.info("%s: continuing the utterance cut by the restart (down %.1f s)", self.label,
+                     down_samples / SAMPLE_RATE)
 
     def _close_resumable(self, r: Resumable, ready: list[OpenConversation]) -> None:
         self._resumable = None
