@@ -10,9 +10,10 @@ drops the link, and fills the state directory (a real tmpfs) for a while.
 At the end every sentence the pendant sent while the daemon was listening must be in Omi (word
 recall against the reference transcripts), nothing twice (no two posted segments of the pendant
 cover the same moment), no text where the pendant played silence (a posted segment's time lies on
-a sentence), and few words beyond what was heard (tiny.en's mishearings, most where a cut fell).
+a sentence), and few words beyond what was heard and what tiny.en hears in the same clips with no
+fault (its mishearings where a cut fell).
 
-The short form (in ``make test``) kills 4 times and makes every kind of fault happen at least
+The short form (in ``make test``) kills 10 times and makes every kind of fault happen at least
 once; the long form (marked ``chaos``: ``make chaos``) kills 100 times and writes its figures
 (``OMI_BRIDGE_CHAOS_KILLS``, ``OMI_BRIDGE_CHAOS_FIGURES``, ``OMI_BRIDGE_CHAOS_SEED``).
 """
@@ -44,12 +45,14 @@ from omi_bridge_sim.faults import FAIL_FIRST_ENV, FAIL_RATE_ENV, FAULT_LOG_ENV
 from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
 from bridge.audio.files import decode_file
+from bridge.config import AsrOptions
 from bridge.core.pcm import SAMPLE_RATE
+from bridge.speech.asr.local import load_model, transcribe_window
 
 pytestmark = pytest.mark.asr
 
 KILLS = int(os.environ.get("OMI_BRIDGE_CHAOS_KILLS", "100"))
-SHORT_KILLS = 4
+SHORT_KILLS = 10
 """The short form: one early kill, one with the disk full, and two with the API and link faults.
 Ten kills (the issue's figure) passed 3 runs of 4 and once posted 16 words beyond 186 heard, over
 the 8 % bound: too close to it for every `make test`."""
@@ -83,9 +86,10 @@ DRAIN_TIMEOUT = 240.0
 RECALL_MIN = 0.85
 """Share of the words of fully heard sentences that must reach Omi (tiny.en mishears a few)."""
 EXCESS_MAX = 0.08
-"""Posted words not in what was heard, as a share of the words of every sentence heard in full
-or in part: tiny.en's mishearings, most of them where a kill or a drop cut a sentence ("three can
-do for you" for "your country can do for you"). The share is of all that was heard, because the
+"""Posted words not in what was heard (nor in what tiny.en hears in the same clips undisturbed,
+``Program.tolerated``), as a share of the words of every sentence heard in full or in part: the
+mishearings where a kill or a drop cut a sentence ("three can do for you" for "your country can
+do for you"). The share is of all that was heard, because the
 cut sentences, where most mishearings are, carry text too; duplicates are judged by time
 (``duplicate_segments``), text on silence by ``hallucinated_segments``."""
 REPEATED_MAX = 0.03
@@ -115,6 +119,10 @@ class Program:
     pcm: np.ndarray
     sentences: list[tuple[int, int, list[str]]]
     """(first sample, end sample, reference words) within one pass."""
+    tolerated: list[list[str]] = field(default_factory=list)
+    """Per sentence: its reference words and the words tiny.en hears in it with no fault at all
+    (the clip alone, and the clips in one window as the daemon packs them when it lags), so
+    the model's own mishearings ("mentioning" for "mention in") are not counted as excess."""
 
 
 def build_program(path: Path) -> Program:
@@ -134,7 +142,18 @@ def build_program(path: Path) -> Program:
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm.tobytes())
-    return Program(pcm, sentences)
+    program = Program(pcm, sentences)
+    clips = [decode_file(DATA / name) for name in CLIPS]
+    options = AsrOptions()
+    model = load_model(options)
+    alone = [transcribe_window(model, options, [clip])[0][0] for clip in clips]
+    packed, _ = transcribe_window(model, options, clips)
+    for (_, _, ref), one, many in zip(sentences, alone, packed, strict=True):
+        said = collections.Counter(ref)
+        for segs in (one, many):
+            said |= collections.Counter(w for seg in segs for w in words(seg.text))
+        program.tolerated.append(list(said.elements()))
+    return program
 
 
 @dataclass
@@ -360,6 +379,8 @@ class Hearing:
     the run), or whose start fell out of the pendant's bounded frame log."""
     spoken: list[tuple[float, float]]
     """Monotonic (start, end) of every sentence the pendant played during the log."""
+    tolerated: collections.Counter[str] = field(default_factory=collections.Counter)
+    """``Program.tolerated`` of every sentence heard in full or in part."""
 
 
 def heard(program: Program, log: dict[str, Any], deaf: list[tuple[float, float]]) -> Hearing:
@@ -382,7 +403,7 @@ def heard(program: Program, log: dict[str, Any], deaf: list[tuple[float, float]]
     total = len(program.pcm)
     hearing = Hearing([], [], [])
     for loop in range((last + 1) * fs // total + 1):
-        for start, end, ref in program.sentences:
+        for (start, end, ref), tolerated in zip(program.sentences, program.tolerated, strict=True):
             a, b = (loop * total + start) // fs, (loop * total + end - 1) // fs
             if a > last:
                 continue
@@ -390,8 +411,10 @@ def heard(program: Program, log: dict[str, Any], deaf: list[tuple[float, float]]
             sent = status[a:b + 1]
             if b <= last and a >= logged_from and sent.all():
                 hearing.full.append(ref)
+                hearing.tolerated.update(tolerated)
             elif sent.any() or a < logged_from:
                 hearing.part.append(ref)
+                hearing.tolerated.update(tolerated)
     return hearing
 
 
@@ -438,10 +461,11 @@ def judge(program: Program, log: dict[str, Any], deaf: list[tuple[float, float]]
     fig.words_heard = sum(allowed.values())
     fig.words_posted = sum(posted.values())
     fig.words_recalled = sum((posted & spoken).values())
-    fig.words_excess = sum((posted - allowed).values())
-    fig.words_repeated = sum(n for w, n in (posted - allowed).items() if allowed[w])
+    tolerated = hearing.tolerated
+    fig.words_excess = sum((posted - tolerated).values())
+    fig.words_repeated = sum(n for w, n in (posted - tolerated).items() if allowed[w])
     if fig.words_excess:
-        fig.notes.append(f"excess: {dict(posted - allowed)}")
+        fig.notes.append(f"excess: {dict(posted - tolerated)}")
     ok_posts = [r for r in api.requests() if r.status == 200 and r.client_session_id]
     fig.reposts = len(ok_posts) - len({r.client_session_id for r in ok_posts})
 
@@ -449,7 +473,7 @@ def judge(program: Program, log: dict[str, Any], deaf: list[tuple[float, float]]
 # ---------------------------------------------------------------- the test
 
 
-def test_four_kills_and_every_fault_lose_no_word_and_post_none_twice(
+def test_ten_kills_and_every_fault_lose_no_word_and_post_none_twice(
         tmp_path: Path, state_disk: Path) -> None:
     fig, summary = chaos(tmp_path, state_disk, SHORT_KILLS, SEED, "")
     assert shortfalls(fig, SHORT_KILLS) == [], summary
