@@ -177,7 +177,7 @@ ROW_GOALS = {
     "segment_lag": "report",
     "idle_cpu": "≤ 1 %",
     "streams": "≥ 20",
-    "rss": "≤ 450 MB / ≤ 20 MB",
+    "rss": "≤ 200 MB / ≤ 20 MB",
     "rss_remote": "report (Pi Zero 2 W: 512 MB)",
     "wer_omi": "≤ 1.2 × whole-file faster-whisper on the original audio",
     "wer_frame": "report",

@@ -9,6 +9,7 @@ import sys
 
 from bridge.app.daemon import EXIT_CONFIG, StartupError, async_main
 from bridge.app.logs import setup_logging
+from bridge.app.memory import limit_malloc_arenas
 from bridge.app.preflight import require_valid
 from bridge.core.errors import BridgeError
 
@@ -16,6 +17,7 @@ _LOGGER = logging.getLogger("bridge.app.daemon")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()  # before the model loads and before any thread starts (bridge/app/memory.py)
     # Logging first at the default level, so config problems reach journald in our format.
     setup_logging("info", verbose=getattr(args, "verbose", False))
     try:

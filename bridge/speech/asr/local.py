@@ -8,12 +8,20 @@ Whisper segment is mapped back onto the utterance it came from, clipped to that 
 segment ever covers audio the VAD called silence.
 
 faster-whisper is imported only when the model is loaded: the Wyoming backend never loads it.
+Its package ``__init__`` imports its file decoder, which imports PyAV (ffmpeg, ≈ 17 MB resident)
+at the top; the daemon hands Whisper PCM arrays and never decodes a file, so PyAV is deferred
+(``defer_import``) and only loads if something does decode one (``omi-bridge transcribe FILE``).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
 import logging
+import sys
 import threading
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,8 +67,44 @@ def resolve_model(name: str) -> str:
     return str(path)
 
 
+DEFERRED_MODULES = ("av",)
+"""Imported by faster-whisper at load time but not used by the bridge's calls into it."""
+
+
+class DeferredModule(types.ModuleType):
+    """Stands in for a module in ``sys.modules`` until one of its attributes is asked for, then
+    imports it and forwards. Not importlib.util.LazyLoader: ``import name`` reads the module's
+    ``__spec__`` (CPython checks whether it is still initialising), and a LazyLoader module loads
+    on any attribute read, so it loads at the very import it was meant to defer."""
+
+    def __init__(self, spec: importlib.machinery.ModuleSpec) -> None:
+        super().__init__(spec.name)
+        self.__spec__ = spec
+
+    def __getattr__(self, attr: str) -> Any:  # only for what the stand-in itself lacks
+        real = self.__dict__.get("_deferred_module")
+        if real is None:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)
+            self.__dict__["_deferred_module"] = real
+        return getattr(real, attr)
+
+
+def defer_import(name: str) -> None:
+    """Let ``import name`` succeed without running the module; it loads on first use. A no-op
+    when it is already imported or not installed (then the import fails as it would have)."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is not None:
+        sys.modules[name] = DeferredModule(spec)
+
+
 def load_model(options: AsrOptions) -> Any:
     """Load the Whisper model once (≈ 0.2 s for tiny.en with a warm cache)."""
+    for name in DEFERRED_MODULES:
+        defer_import(name)
     from faster_whisper import WhisperModel
 
     # faster-whisper logs an INFO line per call; in a daemon that is journal noise every few
