@@ -144,6 +144,19 @@ class Row:
     ratio: float | None = None
     """measured / goal limit (for the plot: ≤ 1 meets an upper-bound goal)."""
     note: str = ""
+    pi4: str = ""
+    """The figure estimated for a Raspberry Pi 4, with the scaling used (``PI4_CORE_FACTOR``)."""
+
+
+PI4_CORE_FACTOR = 10.0
+"""A Pi 4 core does the bridge's work about 10× slower than one of this machine's (9–11× per
+Whisper call, docs/reference/performance-notes.md §6); CPU shares scale by it, ratios between two
+figures measured on the same core do not, and memory stays (the same libraries on aarch64)."""
+
+
+def pi4_cpu(percent: float) -> str:
+    """A share of one core here as a share of one Pi 4 core."""
+    return f"≈ {percent * PI4_CORE_FACTOR:.1f} % of a Pi 4 core (× {PI4_CORE_FACTOR:.0f})"
 
 
 ROW_ORDER = ("capture_cpu", "asr_cpu", "delivery", "segment_lag", "idle_cpu", "streams", "rss",
@@ -204,8 +217,8 @@ class Results:
     started: float = field(default_factory=time.time)
 
     def add(self, key: str, measured: str, *, ok: bool | None = None, ratio: float | None = None,
-            note: str = "") -> None:
-        self.rows[key] = Row(key, ROW_TITLES[key], measured, ROW_GOALS[key], ok, ratio, note)
+            note: str = "", pi4: str = "") -> None:
+        self.rows[key] = Row(key, ROW_TITLES[key], measured, ROW_GOALS[key], ok, ratio, note, pi4)
 
     def skip(self, key: str, why: str) -> None:
         self.add(key, f"not measured: {why}")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bench import chaos
-from bench.common import ROW_GOALS, ROW_ORDER, ROW_TITLES, Results
+from bench.common import PI4_CORE_FACTOR, ROW_GOALS, ROW_ORDER, ROW_TITLES, Results
 
 HERE = Path(__file__).resolve().parent
 MD_PATH = HERE / "results.md"
@@ -82,6 +82,13 @@ def markdown(res: Results) -> str:
                "during that part: CPU-time figures then rise a little (shared caches, frequency), "
                "wall-time figures (streams, latencies) more.")
     chaos_run = chaos.section()
+    pi4 = [f"| {r.figure} | {r.pi4} |" for k in ROW_ORDER if (r := res.rows.get(k)) and r.pi4]
+    if pi4:
+        out += ["", "## On a Raspberry Pi 4 (estimates)", "",
+                "Not measured on a Pi: the figures above scaled by how much slower a Pi 4 core is "
+                f"(× {PI4_CORE_FACTOR:.0f}, docs/reference/performance-notes.md §6). Ratios of two "
+                "figures taken on the same core keep their value; memory is the same libraries on "
+                "aarch64.", "", "| figure | Pi 4 estimate |", "|---|---|", *pi4]
     for title, lines in [*res.sections, *([chaos_run] if chaos_run else [])]:
         out += ["", f"## {title}", "", *lines]
     out.append("")
