@@ -43,7 +43,7 @@ from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 from bridge.speech.vad import BATCH_FRAMES
 
-CAPTURE_GOAL_PERCENT = 1.0
+CAPTURE_GOAL_PERCENT = 0.5
 STREAMS_GOAL = 20
 DRAIN_TIMEOUT = 600.0
 NOTIFS_PER_SLICE = 50
