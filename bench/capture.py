@@ -39,25 +39,34 @@ from bridge.audio.timeline import AudioTimeline
 from bridge.config import AsrOptions
 from bridge.core.pcm import SAMPLE_RATE
 from bridge.core.stats import LinkStats
+from bridge.link.notify import BATCH_SECONDS
 from bridge.speech.asr.worker import AsrWorker
 from bridge.speech.pipeline import SpeechPipeline
 from bridge.speech.vad import BATCH_FRAMES
 
-CAPTURE_GOAL_PERCENT = 1.0
+CAPTURE_GOAL_PERCENT = 0.5
 STREAMS_GOAL = 20
 DRAIN_TIMEOUT = 600.0
 NOTIFS_PER_SLICE = 50
 """Notifications pushed per stream per turn: one second of 20 ms frames."""
+DAEMON_BATCH = round(BATCH_SECONDS * 50)
+"""Notifications per hand-off to the capture thread in the daemon: a notify batch of 50 a second
+(Opus 20 ms, one notification per frame at MTU 247)."""
 
 
-def capture_pass(notifs: list[bytes], tmp: Path) -> float:
-    """CPU seconds for one stream through link + VAD + spool (no transcription)."""
+def capture_pass(notifs: list[bytes], tmp: Path, *, batch: int = DAEMON_BATCH) -> float:
+    """CPU seconds for one stream through link + VAD + spool (no transcription), handed on
+    ``batch`` notifications at a time (1: one call per notification)."""
     worker = AsrWorker(AsrOptions())  # never started: windows wait, as behind a busy worker
     pipeline = SpeechPipeline("BE:NC:00:00:00:10", config(tmp), worker, lambda c: None)
     stream = AudioStream(CODEC_OPUS_20MS, AudioTimeline(pipeline), LinkStats(), mtu=MTU_NORMAL)
     t0 = time.process_time()
-    for p in notifs:
-        stream.push(p)
+    if batch == 1:
+        for p in notifs:
+            stream.push(p)
+    else:
+        for i in range(0, len(notifs), batch):
+            stream.push_batch(notifs[i:i + batch], time.monotonic())
     stream.close()
     pipeline.close()
     return time.process_time() - t0

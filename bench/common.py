@@ -184,11 +184,11 @@ ROW_TITLES = {
 }
 
 ROW_GOALS = {
-    "capture_cpu": "≤ 1 % of one core",
+    "capture_cpu": "≤ 0.5 % of one core, off the event loop",
     "asr_cpu": "≤ 1.1 × whole-file faster-whisper (vad_filter)",
     "delivery": "≤ 1 s",
     "segment_lag": "report",
-    "idle_cpu": "≤ 1 %",
+    "idle_cpu": "≤ 0.3 %",
     "streams": "≥ 20",
     "rss": "≤ 200 MB / ≤ 20 MB",
     "rss_remote": "report (Pi Zero 2 W: 512 MB)",

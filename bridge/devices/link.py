@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.audio.capture import Capture
-from bridge.audio.timeline import AudioTimeline
+from bridge.audio.timeline import QUIET_SECONDS, AudioTimeline
 from bridge.config import DeviceConfig, LinkOptions
 from bridge.core.kinds import DeviceKind
 from bridge.core.pcm import PcmSink
@@ -102,10 +102,16 @@ class DeviceLink:
                 # omi-device.md §5.2): keep the timeline meeting wall clock meanwhile. Packets
                 # still buffered (a stalled loop) are handed on first, so they are not taken
                 # for a pause.
-                flush = getattr(self.supervisor.session, "flush", None)
-                if flush is not None:
-                    flush()
-                self.capture.submit(functools.partial(self.timeline.quiet, time.monotonic()))
+                # Audio handed on within QUIET_SECONDS cannot leave the timeline quiet, so then
+                # neither the flush nor the check is needed: skipping them spares a streaming
+                # pendant two of its few capture wake-ups a second (bench/daemon.py idle row).
+                session = self.supervisor.session
+                last = getattr(session, "last_activity", None)
+                if last is None or time.monotonic() - last > QUIET_SECONDS:
+                    flush = getattr(session, "flush", None)
+                    if flush is not None:
+                        flush()
+                    self.capture.submit(functools.partial(self.timeline.quiet, time.monotonic()))
             self.stats.samples_written = self.timeline.samples_written
             self._report()
 
