@@ -51,7 +51,7 @@ import numpy as np
 from omi_bridge_sim.bus import PrivateBus
 from omi_bridge_sim.omi_api import ApiKey, OmiApiSim
 
-from bench.common import Results, load_corpus, median, part_main, silence, spread
+from bench.common import Results, load_corpus, median, part_main, pi4_cpu, silence, spread
 from bridge.core.pcm import SAMPLE_RATE
 
 KEY = "omi_dev_bench_key"
@@ -273,7 +273,7 @@ def run(res: Results) -> None:
     idle = median(one["idle"])
     rate = one["idle_frames"] / one["idle_seconds"]
     res.add("idle_cpu", f"{idle:.2f} % of a core", ok=idle <= IDLE_GOAL_PERCENT,
-            ratio=idle / IDLE_GOAL_PERCENT,
+            ratio=idle / IDLE_GOAL_PERCENT, pi4=pi4_cpu(idle),
             note=f"daemon process, {one['idle_seconds']:g} s while the pendant streamed {rate:.0f} Opus "
                  f"frames/s of silence; median of {len(one['idle'])} slices ({spread(one['idle'])} %)")
     if "link_only" in one:
@@ -291,6 +291,7 @@ def run(res: Results) -> None:
     ok = one["rss_mb"] <= RSS_GOAL_MB and extra <= EXTRA_GOAL_MB
     res.add("rss", f"{one['rss_mb']:.0f} MB / {extra:+.1f} MB", ok=ok,
             ratio=max(one["rss_mb"] / RSS_GOAL_MB, extra / EXTRA_GOAL_MB),
+            pi4=f"≈ {one['rss_mb']:.0f} MB (the same libraries and model on aarch64; not scaled)",
             note=f"daemon VmHWM: 1 pendant {one['rss_mb']:.0f} MB, 4 pendants {four['rss_mb']:.0f} MB, "
                  "each transcribing one clip; (4 − 1) / 3 per extra device")
     res.plots["rss"] = {"1 device": one["rss_mb"], "4 devices": four["rss_mb"]}
