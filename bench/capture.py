@@ -137,7 +137,7 @@ def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, fl
         worker.stop()
     total = n_streams * seconds
     return {"stream_seconds": total, "wall": wall, "feed_cpu": feed_cpu, "asr_busy": worker.busy_seconds,
-            "speech": worker.speech_seconds, "windows": worker.windows_done}
+            "speech": worker.speech_seconds, "windows": worker.windows_done, "calls": worker.calls}
 
 
 def run(res: Results) -> None:

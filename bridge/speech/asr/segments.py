@@ -49,6 +49,11 @@ def glue(audios: Sequence[np.ndarray]) -> tuple[np.ndarray, Bounds]:
     return np.concatenate(parts), bounds
 
 
+def packed_seconds(samples: Sequence[int]) -> float:
+    """Length of utterances of these sample counts once glued into one window."""
+    return (sum(samples) + int(GAP_SECONDS * SAMPLE_RATE) * max(0, len(samples) - 1)) / SAMPLE_RATE
+
+
 def runaway(text: str) -> bool:
     words = text.lower().split()
     for n in (1, 2, 3):

@@ -29,7 +29,7 @@ from bridge.speech import spool
 from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment
 from bridge.speech.asr.choose import make_backend
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
-from bridge.speech.asr.segments import GAP_SECONDS
+from bridge.speech.asr.segments import GAP_SECONDS, packed_seconds
 
 __all__ = ["BUNDLED_MODEL", "GAP_SECONDS", "AsrWorker", "Piece", "RawSegment", "Window",
            "load_model", "resolve_model", "transcribe_window"]
@@ -67,6 +67,9 @@ class Window:
     on_done: Callable[[Window, list[list[RawSegment]], str | None], None]
     """Called on the worker thread with segments per piece and the detected language."""
     submitted_at: float = field(default_factory=time.monotonic)
+    alone: bool = False
+    """Transcribe in a call of its own: a call it shared with other windows failed, and which
+    window's audio caused it is found out by trying each alone."""
     on_give_up: Callable[[Window, str], None] | None = None
     """Called on the worker thread with a one-utterance window that failed ``[asr] max_attempts``
     times, and the last error: its owner sets the audio aside (never deletes it). Without it the
@@ -142,6 +145,8 @@ class AsrWorker:
         """Utterances handed to ``on_give_up`` since start."""
         self._on_drained: list[Callable[[], None]] = []
         self.windows_done = 0
+        self.calls = 0
+        """Backend calls made: queued windows share a call while they fit in one."""
         self.errors = 0
         self.last_error: str | None = None
         self.busy_seconds = 0.0
@@ -228,6 +233,31 @@ class AsrWorker:
         h = self.health()
         return h.alive and not h.stuck
 
+    def _take(self) -> list[Window]:
+        """The head window and queued windows that fit with it in one call (under the lock).
+
+        Whisper encodes 30 s whatever a call holds (performance-notes.md §4), so while windows
+        queue, several (of any device) share one call up to ``[asr] window_seconds``. A window
+        is passed over only for another device's: one device's windows keep their order."""
+        batch = [self._queue.popleft()]
+        if batch[0].alone or not getattr(self.backend, "merges", False):
+            return batch
+        limit = self.options.window_seconds
+        size = packed_seconds([p.samples for p in batch[0].pieces])
+        skipped: set[str] = set()
+        for window in list(self._queue):
+            if window.alone or window.device in skipped:
+                skipped.add(window.device)
+                continue
+            grown = size + GAP_SECONDS + packed_seconds([p.samples for p in window.pieces])
+            if grown > limit:
+                skipped.add(window.device)
+                continue
+            self._queue.remove(window)
+            batch.append(window)
+            size = grown
+        return batch
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -238,8 +268,10 @@ class AsrWorker:
                     if self._queue and pause <= 0:
                         break
                     self._cond.wait(pause if self._queue else None)
-                window = self._queue.popleft()
-                self._in_hand[id(window)] = (window, time.monotonic())
+                batch = self._take()
+                taken = time.monotonic()
+                for window in batch:
+                    self._in_hand[id(window)] = (window, taken)
                 drained: list[Callable[[], None]] = []
                 if not self._queue:
                     drained, self._on_drained = self._on_drained, []
@@ -247,23 +279,25 @@ class AsrWorker:
                 try:
                     callback()
                 except Exception:
-                    _LOGGER.exception("%s: a drained-queue callback failed", window.device)
-            done = True
+                    _LOGGER.exception("%s: a drained-queue callback failed", batch[0].device)
+            retry = list(batch)
             try:
-                done = self._process(window)
+                retry = self._process(batch)
             finally:
                 with self._cond:
-                    del self._in_hand[id(window)]
-                    if not done:
-                        self._queue.appendleft(window)
+                    for window in batch:
+                        del self._in_hand[id(window)]
+                    self._queue.extendleft(reversed(retry))
                     self._cond.notify_all()
 
-    def _process(self, window: Window) -> bool:
-        """Transcribe and hand on; False when the backend failed and the window is to be retried."""
-        result: list[list[RawSegment]] = [[] for _ in window.pieces]
+    def _process(self, batch: list[Window]) -> list[Window]:
+        """Transcribe the windows in one call and hand each on; returns those to retry (the
+        backend failed, or a transcript could not be stored)."""
+        pieces = [p for w in batch for p in w.pieces]
+        result: list[list[RawSegment]] = [[] for _ in pieces]
         language = None
         try:
-            audios = [spool.read_pcm(p.path)[:p.samples] for p in window.pieces]
+            audios = [spool.read_pcm(p.path)[:p.samples] for p in pieces]
             cpu0, wall0 = time.process_time(), time.monotonic()
             assert self.backend is not None
             result, language = self.backend.transcribe(audios)
@@ -271,7 +305,8 @@ class AsrWorker:
                 self.cpu_seconds += time.process_time() - cpu0
                 self.busy_seconds += time.monotonic() - wall0
                 self.speech_seconds += sum(len(a) for a in audios) / SAMPLE_RATE
-                self.windows_done += 1
+                self.windows_done += len(batch)
+                self.calls += 1
                 if self._backoff:
                     _LOGGER.info("transcription works again (%s)", self.backend.describe())
                 self._backoff = 0.0
@@ -287,24 +322,46 @@ class AsrWorker:
                 self._retry_at = time.monotonic() + self._backoff
                 waiting = len(self._queue) + len(self._in_hand)
             log = _LOGGER.warning if first else _LOGGER.debug
-            log("%s: %s; %d window(s) wait on disk, next try in %.1f s", window.device, exc.message,
+            log("%s: %s; %d window(s) wait on disk, next try in %.1f s", batch[0].device, exc.message,
                 waiting, self._backoff)
-            return False
+            return batch
         except Exception as exc:  # maybe the audio (corrupt spool file), out of memory, a bug
-            self._failed(window, exc)
-            return True
-        try:
-            window.on_done(window, result, language)
-        except OSError as exc:
-            # The transcript could not be stored (disk full): the audio is still spooled, so it is
-            # transcribed again later rather than its text lost.
-            self._back_off(f"cannot store the transcript: {exc}")
-            _LOGGER.warning("%s: cannot store the transcript of %d utterance(s): %s; retrying",
-                            window.device, len(window.pieces), exc)
-            return False
-        except Exception:
-            _LOGGER.exception("%s: handling a transcription result failed", window.device)
-        return True
+            if len(batch) > 1:
+                self._failed_shared(batch, exc)
+            else:
+                self._failed(batch[0], exc)
+            return []
+        retry: list[Window] = []
+        at = 0
+        for window in batch:
+            mine = result[at:at + len(window.pieces)]
+            at += len(window.pieces)
+            try:
+                window.on_done(window, mine, language)
+            except OSError as exc:
+                # The transcript could not be stored (disk full): the audio is still spooled, so
+                # it is transcribed again later rather than its text lost.
+                self._back_off(f"cannot store the transcript: {exc}")
+                _LOGGER.warning("%s: cannot store the transcript of %d utterance(s): %s; retrying",
+                                window.device, len(window.pieces), exc)
+                retry.append(window)
+            except Exception:
+                _LOGGER.exception("%s: handling a transcription result failed", window.device)
+        return retry
+
+    def _failed_shared(self, batch: list[Window], exc: Exception) -> None:
+        """A call several windows shared failed: each is tried again alone, no attempt counted
+        (which window's audio failed is not known yet)."""
+        error = exc.message if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
+        first = self._back_off(error)
+        with self._cond:
+            for window in batch:
+                window.alone = True
+            self._queue.extend(batch)
+            self._cond.notify_all()
+        _LOGGER.log(logging.WARNING if first else logging.INFO,
+                    "transcription failed for %d windows in one call (%s); retrying each alone",
+                    len(batch), error, exc_info=first and not isinstance(exc, BridgeError))
 
     def _back_off(self, error: str) -> bool:
         """Count a failure and pause the worker; True for the first failure in a row."""
@@ -330,7 +387,7 @@ class AsrWorker:
             for piece in window.pieces:
                 piece.attempts += 1
             if len(window.pieces) > 1:
-                retry = [dataclasses.replace(window, pieces=[p]) for p in window.pieces]
+                retry = [dataclasses.replace(window, pieces=[p], alone=True) for p in window.pieces]
             elif window.pieces[0].attempts >= self.options.max_attempts and window.on_give_up:
                 give_up, retry = window, []
             else:
