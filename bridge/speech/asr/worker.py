@@ -234,28 +234,40 @@ class AsrWorker:
         return h.alive and not h.stuck
 
     def _take(self) -> list[Window]:
-        """The head window and queued windows that fit with it in one call (under the lock).
+        """The head window and what of the queued windows fits with it in one call (under the
+        lock).
 
         Whisper encodes 30 s whatever a call holds (performance-notes.md §4), so while windows
-        queue, several (of any device) share one call up to ``[asr] window_seconds``. A window
-        is passed over only for another device's: one device's windows keep their order."""
+        queue, their utterances (of any device) share calls up to ``[asr] window_seconds``: a
+        queued window is taken whole, or its first utterances are and the rest stays queued in
+        its place. A device whose window was passed over or cut gives no later window to this
+        call: one device's utterances keep their order."""
         batch = [self._queue.popleft()]
         if batch[0].alone or not getattr(self.backend, "merges", False):
             return batch
-        limit = self.options.window_seconds
-        size = packed_seconds([p.samples for p in batch[0].pieces])
+        room = self.options.window_seconds - packed_seconds([p.samples for p in batch[0].pieces])
         skipped: set[str] = set()
-        for window in list(self._queue):
-            if window.alone or window.device in skipped:
+        at = 0
+        while at < len(self._queue) and room > GAP_SECONDS:
+            window = self._queue[at]
+            n = 0
+            if not window.alone and window.device not in skipped:
+                while n < len(window.pieces) and GAP_SECONDS + packed_seconds(
+                        [p.samples for p in window.pieces[:n + 1]]) <= room:
+                    n += 1
+            if n < len(window.pieces):
                 skipped.add(window.device)
+            if not n:
+                at += 1
                 continue
-            grown = size + GAP_SECONDS + packed_seconds([p.samples for p in window.pieces])
-            if grown > limit:
-                skipped.add(window.device)
-                continue
-            self._queue.remove(window)
-            batch.append(window)
-            size = grown
+            room -= GAP_SECONDS + packed_seconds([p.samples for p in window.pieces[:n]])
+            if n == len(window.pieces):
+                batch.append(window)
+                del self._queue[at]
+            else:
+                batch.append(dataclasses.replace(window, pieces=window.pieces[:n]))
+                self._queue[at] = dataclasses.replace(window, pieces=window.pieces[n:])
+                at += 1
         return batch
 
     def _run(self) -> None:
