@@ -28,17 +28,15 @@ from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
 from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment
 from bridge.speech.asr.choose import make_backend
+from bridge.speech.asr.health import WorkerHealth
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
 from bridge.speech.asr.segments import GAP_SECONDS, packed_seconds
 
 __all__ = ["BUNDLED_MODEL", "GAP_SECONDS", "AsrWorker", "Piece", "RawSegment", "Window",
-           "load_model", "resolve_model", "transcribe_window"]
+           "WorkerHealth", "load_model", "resolve_model", "transcribe_window"]
 
 _LOGGER = logging.getLogger(__name__)
 
-STUCK_SECONDS = 300.0
-"""One window (≤ 29 s of audio) taking longer than this means the worker is stuck, even on a Pi 4
-(≈ 3–4 s per call there, performance-notes.md §6)."""
 RETRY_MIN_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
 """A window the backend could not transcribe (``AsrError``: server down, timed out, garbled
@@ -78,42 +76,6 @@ class Window:
     @property
     def seconds(self) -> float:
         return sum(p.samples for p in self.pieces) / SAMPLE_RATE
-
-
-@dataclass
-class WorkerHealth:
-    alive: bool
-    """The worker thread is running."""
-    busy_seconds: float
-    """How long the current window has been in transcription (0 when idle)."""
-    backlog_seconds: float
-    """Seconds of speech queued or in transcription."""
-    windows_done: int
-    errors: int
-    last_error: str | None
-    retrying: bool = False
-    """The last window failed in the backend; windows wait on disk and are retried."""
-    failing_since: datetime | None = None
-    """When the failures in a row began (None: the last transcription worked)."""
-    retry_in: float = 0.0
-    """Seconds until the next try while failing."""
-    utterances_waiting: int = 0
-    """Utterances queued or in transcription."""
-    given_up: int = 0
-    """Utterances set aside since start after ``[asr] max_attempts`` failures."""
-
-    def problem(self) -> str | None:
-        """What a user reads in ``status`` while transcription fails, else None."""
-        if self.failing_since is None:
-            return None
-        since = self.failing_since.astimezone().strftime("%H:%M")
-        waiting = f"{self.utterances_waiting} utterance{'s' if self.utterances_waiting != 1 else ''}"
-        return (f"transcription failing since {since}: {self.last_error}; {waiting} waiting, "
-                f"retrying in {max(self.retry_in, 0.0):.0f} s")
-
-    @property
-    def stuck(self) -> bool:
-        return self.busy_seconds > STUCK_SECONDS
 
 
 class AsrWorker:
@@ -324,18 +286,10 @@ class AsrWorker:
                 self._backoff = 0.0
                 self._failing_since = None
         except AsrUnavailable as exc:  # the engine, not the audio: keep it on disk, try again later
-            with self._cond:
-                self.errors += 1
-                self.last_error = exc.message
-                first = not self._backoff
-                if self._failing_since is None:
-                    self._failing_since = datetime.now(UTC)
-                self._backoff = min(max(self._backoff * 2, RETRY_MIN_SECONDS), self.retry_max_seconds)
-                self._retry_at = time.monotonic() + self._backoff
-                waiting = len(self._queue) + len(self._in_hand)
+            first = self._back_off(exc.message)
             log = _LOGGER.warning if first else _LOGGER.debug
             log("%s: %s; %d window(s) wait on disk, next try in %.1f s", batch[0].device, exc.message,
-                waiting, self._backoff)
+                len(self._queue) + len(self._in_hand), self._backoff)
             return batch
         except Exception as exc:  # maybe the audio (corrupt spool file), out of memory, a bug
             if len(batch) > 1:
@@ -367,9 +321,7 @@ class AsrWorker:
         error = exc.message if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
         first = self._back_off(error)
         with self._cond:
-            for window in batch:
-                window.alone = True
-            self._queue.extend(batch)
+            self._queue.extend(dataclasses.replace(w, alone=True) for w in batch)
             self._cond.notify_all()
         _LOGGER.log(logging.WARNING if first else logging.INFO,
                     "transcription failed for %d windows in one call (%s); retrying each alone",
