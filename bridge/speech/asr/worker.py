@@ -2,9 +2,10 @@
 
 The per-device pipelines hand over *windows*: consecutive utterances of one device packed up to
 ``[asr] window_seconds`` (each Whisper call encodes 30 s whatever it holds, performance-notes.md
-§4). The worker reads their audio from the spool and hands it to the backend (``[asr] backend``:
-faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``), which returns segments
-per utterance.
+§4); while windows queue, a call takes utterances of several, of any device, up to that size
+(``AsrWorker._take``). The worker reads their audio from the spool and hands it to the backend
+(``[asr] backend``: faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``),
+which returns segments per utterance.
 
 Jobs name spool files, not audio: a backlog waits on disk, not in RAM.
 """
