@@ -14,12 +14,10 @@ import numpy as np
 
 from bridge.core.pcm import SAMPLE_RATE
 
-GAP_SECONDS = 0.2
-"""Silence glued between utterances of one window; each utterance brings ``[vad] pad_seconds``
-of its own at both ends, so Whisper hears ≥ 0.6 s of pause there, enough to break segments.
-0.4 s left the bench corpus four calls for three windows' worth of speech and made Whisper stop
-early more often (a second seek pass); at 0.1 s it ran words across utterances (bench quality:
-WER 6.8 % against 1.7 % at 0.2 s and 2.1 % at 0.4 s)."""
+GAP_SECONDS = 0.4
+"""Silence glued between utterances of one window: enough for Whisper to break segments there.
+0.2 s (with the utterances' own 0.2 s pads) once made Whisper drop a whole stretch of the bench
+corpus on one loss pattern (WER 19.8 % against 2.1 %); 0.1 s ran words across utterances."""
 COMPRESSION_RATIO_MAX = 2.4
 """Above this gzip ratio a segment is a repetition loop (faster-whisper's own fallback threshold)."""
 REPEAT_MAX = 4
