@@ -45,7 +45,7 @@ from bridge.speech.pipeline import SpeechPipeline
 from bridge.speech.vad import BATCH_FRAMES
 
 CAPTURE_GOAL_PERCENT = 0.5
-STREAMS_GOAL = 20
+STREAMS_GOAL = 40
 DRAIN_TIMEOUT = 600.0
 NOTIFS_PER_SLICE = 50
 """Notifications pushed per stream per turn: one second of 20 ms frames."""
@@ -146,7 +146,7 @@ def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, fl
         worker.stop()
     total = n_streams * seconds
     return {"stream_seconds": total, "wall": wall, "feed_cpu": feed_cpu, "asr_busy": worker.busy_seconds,
-            "speech": worker.speech_seconds, "windows": worker.windows_done}
+            "speech": worker.speech_seconds, "windows": worker.windows_done, "calls": worker.calls}
 
 
 def run(res: Results) -> None:
@@ -194,18 +194,21 @@ def run(res: Results) -> None:
         f"{len(e2e)}: {', '.join(f'{x:.1f}' for x in e2e)}) |",
         f"| bound from the capture thread alone | {n_capture:.0f} |",
         f"| bound from the ASR worker alone | {n_asr:.1f} |", "",
-        f"The worker is the limit: {best['asr_busy'] / max(1, best['windows']):.2f} s per Whisper call, "
-        f"{best['windows']:.0f} calls for {best['speech']:.0f} s of utterances. Every call encodes a 30 s "
-        "window whatever its length (≈ 0.6 s of encoder on this VM). Each clip is followed by as much "
-        "silence, so an idle worker would get one utterance per call after the "
+        f"The worker is the limit: {best['asr_busy'] / max(1, best['calls']):.2f} s per Whisper call, "
+        f"{best['calls']:.0f} calls for {best['speech']:.0f} s of utterances in {best['windows']:.0f} "
+        "windows. Every call encodes a 30 s window whatever its length (≈ 0.4–0.5 s of encoder on this "
+        "VM; decoding the text costs about as much again, ≈ 5 ms per token). Each clip is followed by "
+        "as much silence, so an idle worker would get one utterance per call after the "
         "`[asr] flush_pause_seconds` pause; while windows queue for the worker, a paused window "
-        f"waits and gathers the speech that follows, so {n_streams} streams × "
-        f"{best['speech'] / n_streams:.0f} s of speech need about {best['windows']:.0f} calls. "
+        "waits and gathers the speech that follows, and the worker fills each call with queued "
+        "utterances of any device up to `[asr] window_seconds`, so "
+        f"{n_streams} streams × {best['speech'] / n_streams:.0f} s of speech need about "
+        f"{best['calls']:.0f} calls. "
         "`[asr] cpu_threads = 2` (``concurrent(..., threads=2)``) gave no gain when tried on this "
         "machine: the capture thread and everything else want the second core.", "",
         "If the pipeline clears S stream-seconds in W s, N live streams produce N stream-seconds per "
         "second, so the backlog stays flat while N ≤ S / W. A Pi 4 core is roughly 10× slower "
-        "(performance-notes.md §6), so ≥ 20 here is what leaves one Pi room for a pendant or two.",
+        "(performance-notes.md §6), so ≥ 40 here is what leaves one Pi room for a few pendants.",
     ])
     res.plots["streams"] = {"sustained": n_e2e, "capture bound": n_capture, "ASR bound": n_asr}
 

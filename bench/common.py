@@ -185,14 +185,14 @@ ROW_TITLES = {
 
 ROW_GOALS = {
     "capture_cpu": "≤ 0.5 % of one core, off the event loop",
-    "asr_cpu": "≤ 1.1 × whole-file faster-whisper (vad_filter)",
+    "asr_cpu": "≤ 0.5 × whole-file faster-whisper (vad_filter)",
     "delivery": "≤ 1 s",
     "segment_lag": "report",
     "idle_cpu": "≤ 0.3 %",
-    "streams": "≥ 20",
+    "streams": "≥ 40",
     "rss": "≤ 200 MB / ≤ 20 MB",
     "rss_remote": "report (Pi Zero 2 W: 512 MB)",
-    "wer_omi": "≤ 1.2 × whole-file faster-whisper on the original audio",
+    "wer_omi": "≤ 0.85 × whole-file faster-whisper on the original audio",
     "wer_frame": "report",
     "server_streams": "report",
     "server_cpu": "report",

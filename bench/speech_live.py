@@ -211,7 +211,7 @@ def measure_live(model: Any, stream: Stream, config: Config, speed: float = 1.0)
     worker.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = LiveResult(asr_cpu=worker.cpu_seconds, speech_seconds=stream.speech_seconds,
-                        conversations=[c for _, c in conversations], calls=worker.windows_done,
+                        conversations=[c for _, c in conversations], calls=worker.calls,
                         peak_rss_mb=rss, backlog_max=backlog_max)
     result.conversation_ready = [ready - closed for (ready, _), closed in zip(conversations, closes,
                                                                              strict=False)]

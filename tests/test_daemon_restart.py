@@ -40,9 +40,9 @@ WER_SLACK = 0.06
 runs of 5 kills: +0.000, +0.000, +0.006, +0.009, +0.012, +0.035, +0.047 (median +0.009), the words
 at the cuts ("challenges" → "changes", "library" → "Slabury"). Each SIGKILL destroys what was in
 flight: notifications still in the AcquireNotify socket (read every 0.3 s, bridge/link/notify.py,
-measured at 0.2 s; reading every 0.04 s made no difference over 2 runs) and the pendant's frame that met the closed
-socket. The audio waiting for the VAD is kept (``.tail``) and the halves of the cut word are
-joined end to end; before that, the halves split by the downtime as silence gave +0.023, with the
+measured at 0.2 s; reading every 0.04 s made no difference over 2 runs) and the pendant's frame
+that met the closed socket. The audio waiting for the VAD is kept (``.tail``) and the halves of
+the cut word are joined end to end; before that, the halves split by the downtime as silence gave +0.023, with the
 VAD's batch lost too +0.04 to +0.05, and closing each restart's conversation 6 conversations."""
 
 

@@ -52,6 +52,10 @@ class AsrBackend(Protocol):
 
     max_in_flight: int
     """Windows this backend may transcribe at once (the local model: 1)."""
+    merges: bool
+    """Queued windows of different devices may share one call: the backend places text on each
+    utterance by its own times (the local model's segment times). A Wyoming answer has no times,
+    so its text would be shared out across devices by length: it does not merge."""
 
     def start(self) -> None:
         """Get ready: load the model, or ask the server what it runs. Raises ``BridgeError`` only

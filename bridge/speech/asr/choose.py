@@ -39,6 +39,7 @@ class FallbackBackend:
         self._model = model
         self._local: AsrBackend | None = None
         self.max_in_flight = primary.max_in_flight
+        self.merges = False  # the primary answers without times
         self.fallback_windows = 0
 
     def _fallback(self) -> AsrBackend:

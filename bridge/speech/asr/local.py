@@ -156,6 +156,7 @@ class LocalBackend:
     """faster-whisper on this machine; one call at a time."""
 
     max_in_flight = 1
+    merges = True
 
     def __init__(self, options: AsrOptions, model: Any = None) -> None:
         self.options = options

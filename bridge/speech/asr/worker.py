@@ -2,9 +2,10 @@
 
 The per-device pipelines hand over *windows*: consecutive utterances of one device packed up to
 ``[asr] window_seconds`` (each Whisper call encodes 30 s whatever it holds, performance-notes.md
-§4). The worker reads their audio from the spool and hands it to the backend (``[asr] backend``:
-faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``), which returns segments
-per utterance.
+§4); while windows queue, a call takes utterances of several, of any device, up to that size
+(``AsrWorker._take``). The worker reads their audio from the spool and hands it to the backend
+(``[asr] backend``: faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``),
+which returns segments per utterance.
 
 Jobs name spool files, not audio: a backlog waits on disk, not in RAM.
 """
@@ -28,17 +29,15 @@ from bridge.core.pcm import SAMPLE_RATE
 from bridge.speech import spool
 from bridge.speech.asr.backend import AsrBackend, AsrUnavailable, RawSegment
 from bridge.speech.asr.choose import make_backend
+from bridge.speech.asr.health import WorkerHealth
 from bridge.speech.asr.local import BUNDLED_MODEL, load_model, resolve_model, transcribe_window
-from bridge.speech.asr.segments import GAP_SECONDS
+from bridge.speech.asr.segments import GAP_SECONDS, packed_seconds
 
 __all__ = ["BUNDLED_MODEL", "GAP_SECONDS", "AsrWorker", "Piece", "RawSegment", "Window",
-           "load_model", "resolve_model", "transcribe_window"]
+           "WorkerHealth", "load_model", "resolve_model", "transcribe_window"]
 
 _LOGGER = logging.getLogger(__name__)
 
-STUCK_SECONDS = 300.0
-"""One window (≤ 29 s of audio) taking longer than this means the worker is stuck, even on a Pi 4
-(≈ 3–4 s per call there, performance-notes.md §6)."""
 RETRY_MIN_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
 """A window the backend could not transcribe (``AsrError``: server down, timed out, garbled
@@ -67,6 +66,9 @@ class Window:
     on_done: Callable[[Window, list[list[RawSegment]], str | None], None]
     """Called on the worker thread with segments per piece and the detected language."""
     submitted_at: float = field(default_factory=time.monotonic)
+    alone: bool = False
+    """Transcribe in a call of its own: a call it shared with other windows failed, and which
+    window's audio caused it is found out by trying each alone."""
     on_give_up: Callable[[Window, str], None] | None = None
     """Called on the worker thread with a one-utterance window that failed ``[asr] max_attempts``
     times, and the last error: its owner sets the audio aside (never deletes it). Without it the
@@ -75,42 +77,6 @@ class Window:
     @property
     def seconds(self) -> float:
         return sum(p.samples for p in self.pieces) / SAMPLE_RATE
-
-
-@dataclass
-class WorkerHealth:
-    alive: bool
-    """The worker thread is running."""
-    busy_seconds: float
-    """How long the current window has been in transcription (0 when idle)."""
-    backlog_seconds: float
-    """Seconds of speech queued or in transcription."""
-    windows_done: int
-    errors: int
-    last_error: str | None
-    retrying: bool = False
-    """The last window failed in the backend; windows wait on disk and are retried."""
-    failing_since: datetime | None = None
-    """When the failures in a row began (None: the last transcription worked)."""
-    retry_in: float = 0.0
-    """Seconds until the next try while failing."""
-    utterances_waiting: int = 0
-    """Utterances queued or in transcription."""
-    given_up: int = 0
-    """Utterances set aside since start after ``[asr] max_attempts`` failures."""
-
-    def problem(self) -> str | None:
-        """What a user reads in ``status`` while transcription fails, else None."""
-        if self.failing_since is None:
-            return None
-        since = self.failing_since.astimezone().strftime("%H:%M")
-        waiting = f"{self.utterances_waiting} utterance{'s' if self.utterances_waiting != 1 else ''}"
-        return (f"transcription failing since {since}: {self.last_error}; {waiting} waiting, "
-                f"retrying in {max(self.retry_in, 0.0):.0f} s")
-
-    @property
-    def stuck(self) -> bool:
-        return self.busy_seconds > STUCK_SECONDS
 
 
 class AsrWorker:
@@ -142,6 +108,8 @@ class AsrWorker:
         """Utterances handed to ``on_give_up`` since start."""
         self._on_drained: list[Callable[[], None]] = []
         self.windows_done = 0
+        self.calls = 0
+        """Backend calls made: queued windows share a call while they fit in one."""
         self.errors = 0
         self.last_error: str | None = None
         self.busy_seconds = 0.0
@@ -228,6 +196,43 @@ class AsrWorker:
         h = self.health()
         return h.alive and not h.stuck
 
+    def _take(self) -> list[Window]:
+        """The head window and what of the queued windows fits with it in one call (under the
+        lock).
+
+        Whisper encodes 30 s whatever a call holds (performance-notes.md §4), so while windows
+        queue, their utterances (of any device) share calls up to ``[asr] window_seconds``: a
+        queued window is taken whole, or its first utterances are and the rest stays queued in
+        its place. A device whose window was passed over or cut gives no later window to this
+        call: one device's utterances keep their order."""
+        batch = [self._queue.popleft()]
+        if batch[0].alone or not getattr(self.backend, "merges", False):
+            return batch
+        room = self.options.window_seconds - packed_seconds([p.samples for p in batch[0].pieces])
+        skipped: set[str] = set()
+        at = 0
+        while at < len(self._queue) and room > GAP_SECONDS:
+            window = self._queue[at]
+            n = 0
+            if not window.alone and window.device not in skipped:
+                while n < len(window.pieces) and GAP_SECONDS + packed_seconds(
+                        [p.samples for p in window.pieces[:n + 1]]) <= room:
+                    n += 1
+            if n < len(window.pieces):
+                skipped.add(window.device)
+            if not n:
+                at += 1
+                continue
+            room -= GAP_SECONDS + packed_seconds([p.samples for p in window.pieces[:n]])
+            if n == len(window.pieces):
+                batch.append(window)
+                del self._queue[at]
+            else:
+                batch.append(dataclasses.replace(window, pieces=window.pieces[:n]))
+                self._queue[at] = dataclasses.replace(window, pieces=window.pieces[n:])
+                at += 1
+        return batch
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -238,8 +243,10 @@ class AsrWorker:
                     if self._queue and pause <= 0:
                         break
                     self._cond.wait(pause if self._queue else None)
-                window = self._queue.popleft()
-                self._in_hand[id(window)] = (window, time.monotonic())
+                batch = self._take()
+                taken = time.monotonic()
+                for window in batch:
+                    self._in_hand[id(window)] = (window, taken)
                 drained: list[Callable[[], None]] = []
                 if not self._queue:
                     drained, self._on_drained = self._on_drained, []
@@ -247,23 +254,25 @@ class AsrWorker:
                 try:
                     callback()
                 except Exception:
-                    _LOGGER.exception("%s: a drained-queue callback failed", window.device)
-            done = True
+                    _LOGGER.exception("%s: a drained-queue callback failed", batch[0].device)
+            retry = list(batch)
             try:
-                done = self._process(window)
+                retry = self._process(batch)
             finally:
                 with self._cond:
-                    del self._in_hand[id(window)]
-                    if not done:
-                        self._queue.appendleft(window)
+                    for window in batch:
+                        del self._in_hand[id(window)]
+                    self._queue.extendleft(reversed(retry))
                     self._cond.notify_all()
 
-    def _process(self, window: Window) -> bool:
-        """Transcribe and hand on; False when the backend failed and the window is to be retried."""
-        result: list[list[RawSegment]] = [[] for _ in window.pieces]
+    def _process(self, batch: list[Window]) -> list[Window]:
+        """Transcribe the windows in one call and hand each on; returns those to retry (the
+        backend failed, or a transcript could not be stored)."""
+        pieces = [p for w in batch for p in w.pieces]
+        result: list[list[RawSegment]] = [[] for _ in pieces]
         language = None
         try:
-            audios = [spool.read_pcm(p.path)[:p.samples] for p in window.pieces]
+            audios = [spool.read_pcm(p.path)[:p.samples] for p in pieces]
             cpu0, wall0 = time.process_time(), time.monotonic()
             assert self.backend is not None
             result, language = self.backend.transcribe(audios)
@@ -271,40 +280,53 @@ class AsrWorker:
                 self.cpu_seconds += time.process_time() - cpu0
                 self.busy_seconds += time.monotonic() - wall0
                 self.speech_seconds += sum(len(a) for a in audios) / SAMPLE_RATE
-                self.windows_done += 1
+                self.windows_done += len(batch)
+                self.calls += 1
                 if self._backoff:
                     _LOGGER.info("transcription works again (%s)", self.backend.describe())
                 self._backoff = 0.0
                 self._failing_since = None
         except AsrUnavailable as exc:  # the engine, not the audio: keep it on disk, try again later
-            with self._cond:
-                self.errors += 1
-                self.last_error = exc.message
-                first = not self._backoff
-                if self._failing_since is None:
-                    self._failing_since = datetime.now(UTC)
-                self._backoff = min(max(self._backoff * 2, RETRY_MIN_SECONDS), self.retry_max_seconds)
-                self._retry_at = time.monotonic() + self._backoff
-                waiting = len(self._queue) + len(self._in_hand)
+            first = self._back_off(exc.message)
             log = _LOGGER.warning if first else _LOGGER.debug
-            log("%s: %s; %d window(s) wait on disk, next try in %.1f s", window.device, exc.message,
-                waiting, self._backoff)
-            return False
+            log("%s: %s; %d window(s) wait on disk, next try in %.1f s", batch[0].device, exc.message,
+                len(self._queue) + len(self._in_hand), self._backoff)
+            return batch
         except Exception as exc:  # maybe the audio (corrupt spool file), out of memory, a bug
-            self._failed(window, exc)
-            return True
-        try:
-            window.on_done(window, result, language)
-        except OSError as exc:
-            # The transcript could not be stored (disk full): the audio is still spooled, so it is
-            # transcribed again later rather than its text lost.
-            self._back_off(f"cannot store the transcript: {exc}")
-            _LOGGER.warning("%s: cannot store the transcript of %d utterance(s): %s; retrying",
-                            window.device, len(window.pieces), exc)
-            return False
-        except Exception:
-            _LOGGER.exception("%s: handling a transcription result failed", window.device)
-        return True
+            if len(batch) > 1:
+                self._failed_shared(batch, exc)
+            else:
+                self._failed(batch[0], exc)
+            return []
+        retry: list[Window] = []
+        at = 0
+        for window in batch:
+            mine = result[at:at + len(window.pieces)]
+            at += len(window.pieces)
+            try:
+                window.on_done(window, mine, language)
+            except OSError as exc:
+                # The transcript could not be stored (disk full): the audio is still spooled, so
+                # it is transcribed again later rather than its text lost.
+                self._back_off(f"cannot store the transcript: {exc}")
+                _LOGGER.warning("%s: cannot store the transcript of %d utterance(s): %s; retrying",
+                                window.device, len(window.pieces), exc)
+                retry.append(window)
+            except Exception:
+                _LOGGER.exception("%s: handling a transcription result failed", window.device)
+        return retry
+
+    def _failed_shared(self, batch: list[Window], exc: Exception) -> None:
+        """A call several windows shared failed: each is tried again alone, no attempt counted
+        (which window's audio failed is not known yet)."""
+        error = exc.message if isinstance(exc, BridgeError) else f"{type(exc).__name__}: {exc}"
+        first = self._back_off(error)
+        with self._cond:
+            self._queue.extend(dataclasses.replace(w, alone=True) for w in batch)
+            self._cond.notify_all()
+        _LOGGER.log(logging.WARNING if first else logging.INFO,
+                    "transcription failed for %d windows in one call (%s); retrying each alone",
+                    len(batch), error, exc_info=first and not isinstance(exc, BridgeError))
 
     def _back_off(self, error: str) -> bool:
         """Count a failure and pause the worker; True for the first failure in a row."""
@@ -330,7 +352,7 @@ class AsrWorker:
             for piece in window.pieces:
                 piece.attempts += 1
             if len(window.pieces) > 1:
-                retry = [dataclasses.replace(window, pieces=[p]) for p in window.pieces]
+                retry = [dataclasses.replace(window, pieces=[p], alone=True) for p in window.pieces]
             elif window.pieces[0].attempts >= self.options.max_attempts and window.on_give_up:
                 give_up, retry = window, []
             else:

@@ -77,6 +77,7 @@ class WyomingBackend:
         self.options = options
         self.uri = options.uri
         self.max_in_flight = options.max_in_flight
+        self.merges = False
         self._lock = threading.Lock()
         self.program: str | None = None
         self.model: str | None = None
