@@ -42,8 +42,9 @@ at the cuts ("challenges" → "changes", "library" → "Slabury"). Each SIGKILL 
 flight: notifications still in the AcquireNotify socket (read every 0.3 s, bridge/link/notify.py,
 measured at 0.2 s; reading every 0.04 s made no difference over 2 runs) and the pendant's frame
 that met the closed socket. The audio waiting for the VAD is kept (``.tail``) and the halves of
-the cut word are joined end to end; before that, the halves split by the downtime as silence gave +0.023, with the
-VAD's batch lost too +0.04 to +0.05, and closing each restart's conversation 6 conversations."""
+the cut word are joined end to end; before that, the halves split by the downtime as silence
+gave +0.023, with the VAD's batch lost too +0.04 to +0.05, and closing each restart's conversation
+6 conversations."""
 
 
 @pytest.fixture
