@@ -29,7 +29,17 @@ from pathlib import Path
 import numpy as np
 from omi_bridge_sim.audio import demo_speech_path, load_pcm16k
 
-from bench.common import Results, config, load_corpus, median, model, part_main, spread
+from bench.common import (
+    PI4_CORE_FACTOR,
+    Results,
+    config,
+    load_corpus,
+    median,
+    model,
+    part_main,
+    pi4_cpu,
+    spread,
+)
 from bench.link import LOSS, packets
 from bench.link import one_pass as link_pass
 from bench.paths import MTU_NORMAL, omi_packets
@@ -160,7 +170,7 @@ def run(res: Results) -> None:
     pct = median(full)
     silero, gated, one_by_one = silero_us_per_frame(notifs)
     res.add("capture_cpu", f"{pct:.2f} % of a core", ok=pct <= CAPTURE_GOAL_PERCENT,
-            ratio=pct / CAPTURE_GOAL_PERCENT,
+            ratio=pct / CAPTURE_GOAL_PERCENT, pi4=pi4_cpu(pct),
             note=f"of which link (reassembly + Opus + PLC) {median(link):.2f} %, Silero {silero:.0f} µs per "
                  f"32 ms frame = {silero / 320:.2f} % ({BATCH_FRAMES} frames per run, {gated:.0%} of frames "
                  f"below the level gate; one frame per run, no gate: {one_by_one:.0f} µs); {seconds:g} s "
@@ -176,6 +186,8 @@ def run(res: Results) -> None:
     n_asr = best["stream_seconds"] / best["asr_busy"] if best["asr_busy"] else math.inf
     speech_share = best["speech"] / best["stream_seconds"]
     res.add("streams", f"**{n_e2e:.1f}**", ok=n_e2e >= STREAMS_GOAL, ratio=STREAMS_GOAL / n_e2e,
+            pi4=f"≈ {n_e2e / PI4_CORE_FACTOR:.1f} streams (÷ {PI4_CORE_FACTOR:.0f}: one ASR worker on "
+                "one core bounds it, so the Pi's four cores do not add to it)",
             note=f"{n_streams} streams × {length:g} s pushed as fast as possible took {best['wall']:.1f} s "
                  f"wall; median of {len(e2e)} ({spread(e2e)}); bounds: capture thread {n_capture:.0f}, "
                  f"ASR worker {n_asr:.1f} streams")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
+    PI4_CORE_FACTOR,
     Clip,
     Results,
     config,
@@ -136,6 +137,8 @@ def run(res: Results) -> None:
         b, o = median(base_cpu) / speech_s, median(our_cpu) / speech_s
         res.add("asr_cpu", f"{o:.4f} vs {b:.4f} → **{o / b:.2f} ×**", ok=o / b <= ASR_FACTOR_GOAL,
                 ratio=o / b / ASR_FACTOR_GOAL,
+                pi4=f"{o / b:.2f} × (a ratio of two figures on the same core); ≈ {o * PI4_CORE_FACTOR:.2f} "
+                    f"CPU-s per speech-second (× {PI4_CORE_FACTOR:.0f})",
                 note=f"{speech_s:.0f} s of speech; process CPU incl. VAD; median of {runs} (CPU s: "
                      f"pipeline {spread(our_cpu)}, whole-file {spread(base_cpu)})")
         print(f"asr cpu/speech-s: pipeline {o:.4f}  whole-file {b:.4f}")
@@ -175,6 +178,7 @@ def run(res: Results) -> None:
     limit = base_wer * WER_FACTOR_GOAL
     shown = f"{omi:.1%} vs {base_wer:.1%}" + (f" → **{omi / base_wer:.2f} ×**" if base_wer else "")
     res.add("wer_omi", shown, ok=omi <= limit, ratio=omi / limit if limit else None,
+            pi4="the same words (same model and decoding; only slower)",
             note=f"MTU {MTU_NORMAL}, median of {len(seeds)} loss patterns" + (
                 f"; MTU {MTU_SMALL} (fragmented) {median(small['wer']):.1%}" if small else ""))
     fr = median(conditions["bridge, Frame path (8-bit PCM)"]["wer"])
