@@ -35,6 +35,7 @@ SUITE = {
     "quality": ("asr_cpu", "wer_omi", "wer_frame", "segment_lag"),
     "delivery": ("delivery",),
     "daemon": ("idle_cpu", "rss", "rss_remote"),
+    "footprint": (),
     "server": ("server_streams", "server_cpu", "bridge_cpu"),
     "offline": ("offline_cpu", "offline_pace"),
     "looplag": ("loop_lag",),
