@@ -30,3 +30,6 @@ def test_quick_bench_writes_every_row_and_the_plot(tmp_path: Path) -> None:
         assert row is not None, f"row {key!r} missing from results.md"
         assert "FAILED" not in row and "not run" not in row, row
     assert (tmp_path / "results.png").stat().st_size > 10_000
+    # The reasons behind the figures and what they mean on a Pi come with them.
+    assert "## Where the memory and a Whisper call's time go" in md
+    assert "## On a Raspberry Pi 4 (estimates)" in md
