@@ -26,6 +26,7 @@ model serves both. End of speech → segment ready comes from the speech owner's
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,32 @@ def pipeline_text(pcm: np.ndarray, worker: AsrWorker, *, label: str = "bench") -
     return " ".join(s.text for c in got for s in c.segments), cpu
 
 
+def asr_floor(res: Results, speech_s: float, ours: float, whole: float, calls: int, words: int,
+              runs: int) -> None:
+    """How far packing alone can take the ASR ratio: every call pays one 30 s encoder pass, the
+    rest is decoding, which grows with the words and which whole-file decoding pays as well."""
+    from bench.footprint import encoder_seconds
+
+    encs = encoder_seconds(runs)
+    enc = median(encs)
+    per_word = 1000 * max(0.0, ours - calls * enc) / max(words, 1)
+    window = AsrOptions().window_seconds
+    fewest = math.ceil(speech_s / window)
+    decoding = max(0.0, ours - calls * enc)
+    floor = (fewest * enc + decoding) / whole
+    res.section("ASR cost: what packing can still save", [
+        f"The pipeline transcribed {speech_s:.0f} s of speech in {calls} Whisper calls for {ours:.2f} "
+        f"CPU-s (whole-file faster-whisper: {whole:.2f} CPU-s). One encoder pass on a 30 s window costs "
+        f"{enc:.2f} s ({spread(encs)}) whatever the window holds, so {calls} × {enc:.2f} = "
+        f"{calls * enc:.2f} s of the pipeline's cost is encoder and {decoding:.2f} s is decoding "
+        f"{words} words (with the VAD and the feature extraction), about {per_word:.0f} ms a word."
+        f" Packing can at best bring the calls down to {fewest} ({speech_s:.0f} s in "
+        f"{window:g} s windows), which leaves the ratio at ({fewest} × {enc:.2f} + {decoding:.2f}) / "
+        f"{whole:.2f} = **{floor:.2f} ×**: below that only cheaper decoding helps (fewer tokens, a "
+        "faster decoder), not fewer calls.",
+    ])
+
+
 def run(res: Results) -> None:
     clips = load_corpus(res.quick)
     if not clips:
@@ -126,13 +153,15 @@ def run(res: Results) -> None:
         pipeline_text(stream[: SAMPLE_RATE * 3], worker)  # warm-up: first calls are slower
 
         # --- ASR CPU per second of speech, whole-file vs pipeline (original audio)
-        base_cpu, our_cpu = [], []
+        base_cpu, our_cpu, our_calls = [], [], []
         base_text = our_text = ""
         for _ in range(runs):
             base_text, cpu = whole_file(clips)
             base_cpu.append(cpu)
+            calls0 = worker.calls
             our_text, cpu = pipeline_text(stream, worker)
             our_cpu.append(cpu)
+            our_calls.append(worker.calls - calls0)
         base_wer, clean_wer = wer(ref, base_text), wer(ref, our_text)
         b, o = median(base_cpu) / speech_s, median(our_cpu) / speech_s
         res.add("asr_cpu", f"{o:.4f} vs {b:.4f} → **{o / b:.2f} ×**", ok=o / b <= ASR_FACTOR_GOAL,
@@ -142,6 +171,8 @@ def run(res: Results) -> None:
                 note=f"{speech_s:.0f} s of speech; process CPU incl. VAD; median of {runs} (CPU s: "
                      f"pipeline {spread(our_cpu)}, whole-file {spread(base_cpu)})")
         print(f"asr cpu/speech-s: pipeline {o:.4f}  whole-file {b:.4f}")
+        asr_floor(res, speech_s, median(our_cpu), median(base_cpu), int(median(our_calls)),
+                  len(our_text.split()), runs)
 
         # --- the paths, with loss
         conditions: dict[str, dict[str, list[float]]] = {}
