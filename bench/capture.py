@@ -43,7 +43,7 @@ from bench.common import (
 from bench.link import LOSS, packets
 from bench.link import one_pass as link_pass
 from bench.paths import MTU_NORMAL, omi_packets
-from bridge.audio.codecs import CODEC_OPUS_20MS
+from bridge.audio.codecs import CODEC_OPUS_20MS, OPUS_FRAME_SAMPLES
 from bridge.audio.stream import AudioStream
 from bridge.audio.timeline import AudioTimeline
 from bridge.config import AsrOptions
@@ -99,27 +99,35 @@ def fifty_fifty(seconds: float, rotate: int) -> np.ndarray:
     return np.roll(pcm, shift)[:need]
 
 
-def silero_us_per_frame(notifs: list[bytes]) -> tuple[float, float, float]:
-    """CPU µs per 32 ms frame of the stream as the pipeline runs Silero (batches, level gate), the
-    share of frames the gate skipped, and µs per frame of one frame per run without the gate
-    (performance-notes.md §3 measured 58 µs that way, on a Zen 5 core with AVX-512)."""
+def silero_us_per_frame(notifs: list[bytes]) -> tuple[float, float, float, float]:
+    """CPU µs per 32 ms frame of the stream as the pipeline runs Silero (the whole batches of each
+    notify hand-off, level gate), the share of frames the gate skipped, the share at or below its
+    level at all (what a gate at that level could skip with no hangover), and µs per frame of one
+    frame per run without the gate (performance-notes.md §3 measured 58 µs that way, on a Zen 5
+    core with AVX-512)."""
     from bench.paths import omi_decode
     from bridge.config import VadOptions
-    from bridge.speech.vad import BATCH_FRAMES, FRAME_SAMPLES, SileroVad
+    from bridge.speech.vad import FRAME_SAMPLES, SileroVad, level_floor
 
     pcm = omi_decode(notifs)
     frames = pcm[: len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+    # The pipeline hands Silero the whole BATCH_FRAMES multiples of each notify batch (8 frames of
+    # 9.4, the rest carried to the next), and the gate splits them into runs.
+    per_batch = DAEMON_BATCH * OPUS_FRAME_SAMPLES[CODEC_OPUS_20MS] // FRAME_SAMPLES
+    handoff = per_batch // BATCH_FRAMES * BATCH_FRAMES
     vad = SileroVad(VadOptions().min_level_dbfs)
     t0 = time.process_time()
-    for i in range(0, len(frames), BATCH_FRAMES):
-        vad.probs(frames[i:i + BATCH_FRAMES])
+    for i in range(0, len(frames), handoff):
+        vad.probs(frames[i:i + handoff])
     batched = (time.process_time() - t0) / max(1, len(frames)) * 1e6
+    power = (frames.astype(np.float64) ** 2).mean(axis=1)
+    below = float(np.mean(power <= level_floor(VadOptions().min_level_dbfs)))
     single = SileroVad(None)
     t0 = time.process_time()
     for f in frames:
         single(f)
     one_by_one = (time.process_time() - t0) / max(1, len(frames)) * 1e6
-    return batched, vad.gated / max(1, len(frames)), one_by_one
+    return batched, vad.gated / max(1, len(frames)), below, one_by_one
 
 
 def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, float]:
@@ -168,12 +176,13 @@ def run(res: Results) -> None:
         full = [capture_pass(notifs, Path(tmp)) / seconds * 100 for _ in range(runs)]
     link = [link_pass(CODEC_OPUS_20MS, notifs, MTU_NORMAL) / seconds * 100 for _ in range(runs)]
     pct = median(full)
-    silero, gated, one_by_one = silero_us_per_frame(notifs)
+    silero, gated, below, one_by_one = silero_us_per_frame(notifs)
     res.add("capture_cpu", f"{pct:.2f} % of a core", ok=pct <= CAPTURE_GOAL_PERCENT,
             ratio=pct / CAPTURE_GOAL_PERCENT, pi4=pi4_cpu(pct),
             note=f"of which link (reassembly + Opus + PLC) {median(link):.2f} %, Silero {silero:.0f} µs per "
-                 f"32 ms frame = {silero / 320:.2f} % ({BATCH_FRAMES} frames per run, {gated:.0%} of frames "
-                 f"below the level gate; one frame per run, no gate: {one_by_one:.0f} µs); {seconds:g} s "
+                 f"32 ms frame = {silero / 320:.2f} % (one run per notify hand-off, {gated:.0%} of frames "
+                 f"skipped by the level gate of the {below:.0%} below it; one frame per run, no gate: "
+                 f"{one_by_one:.0f} µs); {seconds:g} s "
                  f"stream, MTU 247, 2 % loss; median of {runs} ({spread(full)} %)")
     print(f"capture: {pct:.3f} % of a core (link alone {median(link):.3f} %)")
 

@@ -107,7 +107,8 @@ class VadOptions:
     min_level_dbfs: float = _f(
         -80.0, "Frames quieter than this (RMS, dBFS) for over 0.25 s skip the speech model and count "
         "as silence, saving CPU. -80 is below a microphone's own noise: it skips digital or decoded "
-        "silence, not speech (tested on corpus speech 30 dB down). -120 turns it off.",
+        "silence, not speech (tested on corpus speech 30 dB down, which loses words at -70). A "
+        "room's noise (-70 to -50 dBFS) keeps the model running. -120 turns it off.",
         max=0)
 
 

@@ -46,7 +46,9 @@ FULL_SCALE = 32768.0
 GATE_HANGOVER_FRAMES = 8
 """Quiet frames still shown to the model before the level gate closes (256 ms): the short lulls
 inside and between words keep their usual probabilities, and the state the model holds when the
-gate closes has already settled on silence."""
+gate closes has already settled on silence. Closing it after 2–3 quiet frames once the model reads
+them as silence (p < 0.1 / 0.05) skipped 25 / 23 % instead of 21 % of the capture bench's frames
+(5 / 1 % less VAD CPU) but cost words on the corpus 40 dB down over Opus (WER 4.2 → 21 / 5.5 %)."""
 
 
 def level_floor(min_level_dbfs: float | None) -> float:
