@@ -130,14 +130,15 @@ def silero_us_per_frame(notifs: list[bytes]) -> tuple[float, float, float, float
     return batched, vad.gated / max(1, len(frames)), below, one_by_one
 
 
-def concurrent(n_streams: int, seconds: float, threads: int = 1) -> dict[str, float]:
-    if threads == 1:
+def concurrent(n_streams: int, seconds: float, threads: int = 1, workers: int = 1) -> dict[str, float]:
+    options = AsrOptions(cpu_threads=threads, workers=workers)
+    if options == AsrOptions():
         asr_model = model()
     else:
         from bridge.speech.asr.worker import load_model
 
-        asr_model = load_model(AsrOptions(cpu_threads=threads))
-    worker = AsrWorker(AsrOptions(cpu_threads=threads), model=asr_model)
+        asr_model = load_model(options)
+    worker = AsrWorker(options, model=asr_model)
     worker.start()
     try:
         with tempfile.TemporaryDirectory(prefix="omi-bench-") as tmp:
@@ -187,35 +188,45 @@ def run(res: Results) -> None:
     print(f"capture: {pct:.3f} % of a core (link alone {median(link):.3f} %)")
 
     n_streams, length = (2, 5.0) if res.quick else (12, 60.0)
-    tries = [concurrent(n_streams, length) for _ in range(1 if res.quick else 2)]
+    workers = AsrOptions().workers
+    tries, peers = [], []
+    for _ in range(1 if res.quick else 2):  # alternated, so both see the same machine
+        tries.append(concurrent(n_streams, length))
+        if not res.quick:
+            peers.append(concurrent(n_streams, length, workers=1))
     e2e = [t["stream_seconds"] / t["wall"] for t in tries]
     n_e2e = median(e2e)
+    peer = f"{median([t['stream_seconds'] / t['wall'] for t in peers]):.1f}" if peers else "not run (--quick)"
     best = min(tries, key=lambda t: abs(t["stream_seconds"] / t["wall"] - n_e2e))
     n_capture = best["stream_seconds"] / best["feed_cpu"]
-    n_asr = best["stream_seconds"] / best["asr_busy"] if best["asr_busy"] else math.inf
+    # asr_busy adds up every worker thread's time in calls.
+    n_asr = best["stream_seconds"] * workers / best["asr_busy"] if best["asr_busy"] else math.inf
     speech_share = best["speech"] / best["stream_seconds"]
     res.add("streams", f"**{n_e2e:.1f}**", ok=n_e2e >= STREAMS_GOAL, ratio=STREAMS_GOAL / n_e2e,
-            pi4=f"≈ {n_e2e / PI4_CORE_FACTOR:.1f} streams (÷ {PI4_CORE_FACTOR:.0f}: one ASR worker on "
-                "one core bounds it, so the Pi's four cores do not add to it)",
+            pi4=f"≈ {n_e2e / PI4_CORE_FACTOR:.1f} streams (÷ {PI4_CORE_FACTOR:.0f}: the same "
+                f"{workers} ASR workers on {workers} of the Pi's 4 cores)",
             note=f"{n_streams} streams × {length:g} s pushed as fast as possible took {best['wall']:.1f} s "
-                 f"wall; median of {len(e2e)} ({spread(e2e)}); bounds: capture thread {n_capture:.0f}, "
-                 f"ASR worker {n_asr:.1f} streams")
+                 f"wall, `[asr] workers = {workers}`; median of {len(e2e)} ({spread(e2e)}); one worker "
+                 f"in the same run: {peer}; bounds: capture thread {n_capture:.0f}, "
+                 f"ASR workers {n_asr:.1f} streams")
     res.section("Concurrent streams: how the figure is derived", [
         f"{n_streams} simulated pendants, {length:g} s each ({speech_share:.0%} of it utterance audio after "
         "the VAD; clips alternate with as much silence), Opus MTU 247 with 2 % loss, interleaved one "
         "second per stream per turn, all through their own AudioStream + SpeechPipeline and one shared "
-        "AsrWorker (tiny.en int8, 1 thread).", "",
+        f"AsrWorker (tiny.en int8, 1 thread per call, `[asr] workers = {workers}` calls at once).", "",
         "| | per run |", "|---|---|",
         f"| stream-seconds processed | {best['stream_seconds']:.0f} |",
         f"| wall time until every window was transcribed | {best['wall']:.1f} s |",
         f"| capture thread CPU (link + VAD + spool) | {best['feed_cpu']:.2f} s "
         f"({best['feed_cpu'] / best['stream_seconds'] * 100:.2f} % of a core per stream) |",
-        f"| ASR worker busy | {best['asr_busy']:.2f} s ({best['speech']:.0f} s of utterances) |",
+        f"| time in Whisper calls, all workers | {best['asr_busy']:.2f} s ({best['speech']:.0f} s of "
+        "utterances) |",
+        f"| the same streams with one worker (same run) | {peer} |",
         f"| **real-time streams sustained = stream-seconds / wall** | **{n_e2e:.1f}** (median of "
         f"{len(e2e)}: {', '.join(f'{x:.1f}' for x in e2e)}) |",
         f"| bound from the capture thread alone | {n_capture:.0f} |",
-        f"| bound from the ASR worker alone | {n_asr:.1f} |", "",
-        f"The worker is the limit: {best['asr_busy'] / max(1, best['calls']):.2f} s per Whisper call, "
+        f"| bound from the ASR workers alone | {n_asr:.1f} |", "",
+        f"The workers are the limit: {best['asr_busy'] / max(1, best['calls']):.2f} s per Whisper call, "
         f"{best['calls']:.0f} calls for {best['speech']:.0f} s of utterances in {best['windows']:.0f} "
         "windows. Every call encodes a 30 s window whatever its length (≈ 0.4–0.5 s of encoder on this "
         "VM; decoding the text costs about as much again, ≈ 5 ms per token). Each clip is followed by "
@@ -225,8 +236,9 @@ def run(res: Results) -> None:
         "utterances of any device up to `[asr] window_seconds`, so "
         f"{n_streams} streams × {best['speech'] / n_streams:.0f} s of speech need about "
         f"{best['calls']:.0f} calls. "
-        "`[asr] cpu_threads = 2` (``concurrent(..., threads=2)``) gave no gain when tried on this "
-        "machine: the capture thread and everything else want the second core.", "",
+        "`[asr] cpu_threads = 2` (two threads inside one call) gave no gain when tried on this "
+        "machine; two calls at once (`[asr] workers = 2`, the model loaded once) use the second core "
+        "for a second window instead, and the capture thread needs little of either.", "",
         "If the pipeline clears S stream-seconds in W s, N live streams produce N stream-seconds per "
         "second, so the backlog stays flat while N ≤ S / W. A Pi 4 core is roughly 10× slower "
         "(performance-notes.md §6), so ≥ 40 here is what leaves one Pi room for a few pendants.",

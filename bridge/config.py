@@ -147,6 +147,10 @@ class AsrOptions:
     language: str = _f("en", "Language code, or \"auto\" with a multilingual model.")
     beam_size: int = _f(1, "Beam size; 1 is greedy and cheapest.", min=1, max=10)
     cpu_threads: int = _f(1, "Threads for one transcription call.", min=1, max=16)
+    workers: int = _f(2, "Local model: windows transcribed at once, each on a core of its own, "
+                      "when speech queues (several pendants); the model is loaded once, and each call "
+                      "running beside another adds about 100 MB of peak memory. 1 for one pendant on a "
+                      "Pi Zero 2 W.", min=1, max=8)
     window_seconds: float = _f(28.0, "Utterances are packed into windows of up to this many "
                                "seconds per Whisper call (≤ 29).", gt=1, max=29)
     flush_pause_seconds: float = _f(3.0, "A window is transcribed once speech has paused this "

@@ -113,7 +113,7 @@ def load_model(options: AsrOptions) -> Any:
     where = resolve_model(options.model)
     try:
         return WhisperModel(where, device="cpu", compute_type=options.compute_type,
-                            cpu_threads=options.cpu_threads)
+                            cpu_threads=options.cpu_threads, num_workers=options.workers)
     except (OSError, RuntimeError, ValueError) as exc:
         raise BridgeError(f"cannot load ASR model {options.model!r}: {exc}",
                           "check [asr] model and [asr] compute_type") from exc
@@ -153,15 +153,16 @@ def transcribe_window(model: Any, options: AsrOptions,
 
 
 class LocalBackend:
-    """faster-whisper on this machine; one call at a time."""
+    """faster-whisper on this machine; ``[asr] workers`` calls at a time (CTranslate2's
+    ``num_workers``: the weights are loaded once and each call runs in a thread of its own)."""
 
-    max_in_flight = 1
     merges = True
 
     def __init__(self, options: AsrOptions, model: Any = None) -> None:
         self.options = options
         self.model = model
-        self._lock = threading.Lock()
+        self.max_in_flight = options.workers
+        self._slots = threading.Semaphore(options.workers)
 
     def start(self) -> None:
         if self.model is None:
@@ -171,7 +172,7 @@ class LocalBackend:
         self.start()
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> WindowResult:
-        with self._lock:
+        with self._slots:
             return transcribe_window(self.model, self.options, audios)
 
     def describe(self) -> str:
