@@ -1,8 +1,9 @@
 """The crash-and-fault run's figures in bench/results.md, from the file ``make chaos`` writes.
 
 ``make chaos`` (tests/test_chaos.py, 100 SIGKILLs) takes most of an hour, too long for ``make
-bench``; it writes its figures to ``bench/chaos.json`` and every later ``make bench`` renders the
-newest of them here, so results.md always shows the run's figures beside the bench's.
+bench``; it writes its figures to ``bench/chaos.json`` and puts them into their section of
+results.md (``python -m bench.chaos``), and every later ``make bench`` renders the newest of them
+again, so results.md always shows the run's figures beside the bench's.
 """
 
 from __future__ import annotations
@@ -73,3 +74,31 @@ def section(path: Path = FIGURES) -> tuple[str, list[str]] | None:
         "outage), as a user would.",
     ]
     return TITLE, lines
+
+
+def refresh(md: Path, path: Path = FIGURES) -> bool:
+    """Put the newest figures into results.md's section in place (``make chaos`` runs this after
+    the test), so the rest of the bench's figures stay as their run wrote them. False when there is
+    nothing to show."""
+    found = section(path)
+    if found is None:
+        return False
+    title, lines = found
+    text = md.read_text() if md.exists() else ""
+    block = f"## {title}\n\n" + "\n".join(lines) + "\n"
+    start = text.find(f"## {title}")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + block + (text[end:] if end >= 0 else "")
+    md.write_text(text)
+    return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.report import MD_PATH
+
+    sys.exit(0 if refresh(MD_PATH) else 1)
