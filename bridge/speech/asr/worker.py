@@ -233,6 +233,15 @@ class AsrWorker:
                 at += 1
         return batch
 
+    def _may_start(self) -> bool:
+        """Whether this thread may start a call now (under the lock). Beside a call in progress,
+        a merging backend starts another only when more speech waits than one call can hold:
+        otherwise the queued windows are worth more packed into the next call (each call encodes
+        30 s) than transcribed at once on the second core."""
+        if not self._in_hand or not getattr(self.backend, "merges", False):
+            return True
+        return sum(w.seconds for w in self._queue) >= self.options.window_seconds
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -240,9 +249,10 @@ class AsrWorker:
                     if not self._running:
                         return
                     pause = self._retry_at - time.monotonic()
-                    if self._queue and pause <= 0:
+                    if self._queue and pause <= 0 and self._may_start():
                         break
-                    self._cond.wait(pause if self._queue else None)
+                    # No timeout while the queue waits on the call in progress: its end wakes us.
+                    self._cond.wait(pause if self._queue and pause > 0 else None)
                 batch = self._take()
                 taken = time.monotonic()
                 for window in batch:
