@@ -266,25 +266,23 @@ def test_while_the_worker_is_behind_paused_speech_is_packed_into_fewer_calls(tmp
     assert "block books" in words and "ugly" in words and "passing" in words
 
 
-def test_windows_of_two_pendants_waiting_together_share_one_call_and_keep_their_own_words(
-        tmp_path: Path, model) -> None:
+def test_two_pendants_hearing_the_same_speech_both_get_its_words(tmp_path: Path, model) -> None:
+    """Two pendants in one room, their windows waiting together: each is transcribed in a call of
+    its own. In one shared call Whisper heard the sentence twice and dropped it as a repetition
+    loop, and both conversations came out empty."""
     got = Collector()
     worker = AsrWorker(AsrOptions(), model=model)  # not started yet: both windows queue
-    kennedy = SpeechPipeline("AA:BB:CC:DD:EE:07", config(tmp_path), worker, got, anchor=ANCHOR)
-    reader = SpeechPipeline("AA:BB:CC:DD:EE:08", config(tmp_path), worker, got, anchor=ANCHOR)
-    feed(kennedy, np.concatenate([silence(0.5), clip("jfk.flac"), silence(1.0)]))
-    feed(reader, np.concatenate([silence(0.5), clip("ljspeech/LJ001-0004.wav"), silence(1.0)]))
-    kennedy.close()
-    reader.close()
+    one = SpeechPipeline("AA:BB:CC:DD:EE:07", config(tmp_path), worker, got, anchor=ANCHOR)
+    two = SpeechPipeline("AA:BB:CC:DD:EE:08", config(tmp_path), worker, got, anchor=ANCHOR)
+    for pipeline in (one, two):
+        feed(pipeline, np.concatenate([silence(0.5), clip("jfk.flac"), silence(1.0)]))
+        pipeline.close()
     worker.start()
     try:
         assert worker.wait_idle(TIMEOUT)
         convs = got.wait_for(2)
     finally:
         worker.stop()
-    assert worker.calls == 1 and worker.windows_done == 2
     words = {c.device: normalise(text_of(c)) for c in convs}
-    assert "fellow americans" in words["AA:BB:CC:DD:EE:07"]
-    assert "block books" not in words["AA:BB:CC:DD:EE:07"]
-    assert "block books" in words["AA:BB:CC:DD:EE:08"]
-    assert "americans" not in words["AA:BB:CC:DD:EE:08"]
+    for device in ("AA:BB:CC:DD:EE:07", "AA:BB:CC:DD:EE:08"):
+        assert "fellow americans" in words[device], words

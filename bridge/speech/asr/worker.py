@@ -2,8 +2,8 @@
 
 The per-device pipelines hand over *windows*: consecutive utterances of one device packed up to
 ``[asr] window_seconds`` (each Whisper call encodes 30 s whatever it holds, performance-notes.md
-§4); while windows queue, a call takes utterances of several, of any device, up to that size
-(``AsrWorker._take``). The worker reads their audio from the spool and hands it to the backend
+§4); while windows queue, a call takes utterances of several of the same device's windows up to
+that size (``AsrWorker._take``). The worker reads their audio from the spool and hands it to the backend
 (``[asr] backend``: faster-whisper here, ``local.py``, or a Wyoming server, ``wyoming.py``),
 which returns segments per utterance.
 
@@ -201,10 +201,12 @@ class AsrWorker:
         lock).
 
         Whisper encodes 30 s whatever a call holds (performance-notes.md §4), so while windows
-        queue, their utterances (of any device) share calls up to ``[asr] window_seconds``: a
-        queued window is taken whole, or its first utterances are and the rest stays queued in
-        its place. A device whose window was passed over or cut gives no later window to this
-        call: one device's utterances keep their order."""
+        queue, the head window's device's later windows share its call up to ``[asr]
+        window_seconds``: a queued window is taken whole, or its first utterances are and the rest
+        stays queued in its place; once one is cut, no later one joins, so the device's utterances
+        keep their order. Other devices' windows never join: two pendants in one room hear the
+        same sentence, and Whisper decoding it twice in one call drops it as a repetition loop
+        (both conversations came out empty)."""
         batch = [self._queue.popleft()]
         if batch[0].alone or not getattr(self.backend, "merges", False):
             return batch
@@ -214,7 +216,7 @@ class AsrWorker:
         while at < len(self._queue) and room > GAP_SECONDS:
             window = self._queue[at]
             n = 0
-            if not window.alone and window.device not in skipped:
+            if not window.alone and window.device == batch[0].device and window.device not in skipped:
                 while n < len(window.pieces) and GAP_SECONDS + packed_seconds(
                         [p.samples for p in window.pieces[:n + 1]]) <= room:
                     n += 1
