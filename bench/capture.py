@@ -212,7 +212,9 @@ def run(res: Results) -> None:
             peers.append(concurrent(n_streams, length, workers=1))
     e2e = [t["stream_seconds"] / t["wall"] for t in tries]
     n_e2e = median(e2e)
-    peer = f"{median([t['stream_seconds'] / t['wall'] for t in peers]):.1f}" if peers else "not run (--quick)"
+    peer = "skipped by --quick"
+    if peers:
+        peer = f"{median([t['stream_seconds'] / t['wall'] for t in peers]):.1f}"
     best = min(tries, key=lambda t: abs(t["stream_seconds"] / t["wall"] - n_e2e))
     n_capture = best["stream_seconds"] / best["feed_cpu"]
     # asr_busy adds up every worker thread's time in calls.
