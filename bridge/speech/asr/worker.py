@@ -165,10 +165,13 @@ class AsrWorker:
                 return
         callback()
 
+    def _queued_seconds(self) -> float:
+        """Speech in windows waiting for a call (under the lock)."""
+        return sum(w.seconds for w in self._queue)
+
     def backlog_seconds(self) -> float:
         with self._cond:
-            queued = sum(w.seconds for w in self._queue)
-            return queued + sum(w.seconds for w, _ in self._in_hand.values())
+            return self._queued_seconds() + sum(w.seconds for w, _ in self._in_hand.values())
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or in transcription; False on timeout."""
@@ -242,7 +245,7 @@ class AsrWorker:
         30 s) than transcribed at once on the second core."""
         if not self._in_hand or not getattr(self.backend, "merges", False):
             return True
-        return sum(w.seconds for w in self._queue) >= self.options.window_seconds
+        return self._queued_seconds() >= self.options.window_seconds
 
     def _run(self) -> None:
         while True:
